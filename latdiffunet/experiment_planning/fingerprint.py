@@ -1,0 +1,148 @@
+"""The dataset fingerprint: what the planner needs to know about the data, as readable JSON.
+
+Spacings and shapes decide the target spacing and patch size; foreground intensities decide CT
+normalisation; class frequencies decide the loss weights; and the sizes of the *smallest*
+structures decide how far the mask autoencoder may compress, because an object that shrinks below
+two latent voxels cannot be reconstructed from the latent.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from latdiffunet.errors import UserInputError
+from latdiffunet.imageio.sitk_io import read_images_as_channels, read_label
+from latdiffunet.preprocessing.cropping import crop_to_nonzero
+from latdiffunet.raw_dataset import CaseFiles, DatasetSpec, list_training_cases
+from latdiffunet.utilities.parallel import map_with_progress
+
+INTENSITY_SAMPLES_PER_CASE = 10_000
+FINGERPRINT_VERSION = 1
+
+
+def _object_extents(seg: np.ndarray, label: int) -> list[list[int]]:
+    """Bounding-box extent (voxels per axis, array order) of each connected component of ``label``."""
+    components, n = ndimage.label(seg == label, structure=ndimage.generate_binary_structure(seg.ndim, seg.ndim))
+    if n == 0:
+        return []
+    return [[s.stop - s.start for s in box] for box in ndimage.find_objects(components)]
+
+
+def case_fingerprint(args: tuple[CaseFiles, list[int], int]) -> dict:
+    """Statistics of one case; intensities are a random sample of foreground voxels (seeded)."""
+    case, class_labels, seed = args
+    data, geometry = read_images_as_channels(case.images)
+    seg, _ = read_label(case.label)
+    shape_before = data.shape[1:]
+    data, seg, _, _ = crop_to_nonzero(data, seg[None])
+    seg = seg[0]
+    rng = np.random.default_rng(seed)
+    foreground = seg > 0
+    intensities = []
+    for channel in data:
+        values = channel[foreground]
+        if values.size > INTENSITY_SAMPLES_PER_CASE:
+            values = rng.choice(values, INTENSITY_SAMPLES_PER_CASE, replace=False)
+        intensities.append(values.astype(np.float32))
+    return {
+        "case_id": case.case_id,
+        "spacing": list(geometry.spacing_zyx),
+        "shape_before_crop": list(shape_before),
+        "shape_after_crop": list(data.shape[1:]),
+        "class_voxels": {str(c): int((seg == c).sum()) for c in class_labels},
+        "object_extents": {str(c): _object_extents(seg, c) for c in class_labels if c != 0},
+        "_intensities": intensities,
+        "_channel_minmax": [[float(c.min()), float(c.max())] for c in data],
+    }
+
+
+def _intensity_statistics(values: np.ndarray, minmax: np.ndarray) -> dict:
+    if values.size == 0:
+        return {k: float("nan") for k in ("mean", "std", "median", "percentile_00_5", "percentile_99_5")} | {
+            "min": float(minmax[:, 0].min()),
+            "max": float(minmax[:, 1].max()),
+        }
+    return {
+        "mean": float(values.mean()),
+        "std": float(values.std()),
+        "median": float(np.median(values)),
+        "percentile_00_5": float(np.percentile(values, 0.5)),
+        "percentile_99_5": float(np.percentile(values, 99.5)),
+        "min": float(values.min()),
+        "max": float(values.max()),
+    }
+
+
+def _size_summary(extents: list[tuple[list[int], np.ndarray]]) -> dict:
+    """Median and 5th percentile object extent per axis, in voxels and millimetres.
+
+    Extents are measured per object in that object's own case spacing, so the mm values are right
+    even when spacings vary between cases.
+    """
+    if not extents:
+        return {"num_objects": 0}
+    vox = np.asarray([e for e, _ in extents], dtype=float)
+    mm = np.asarray([np.asarray(e) * s for e, s in extents], dtype=float)
+    return {
+        "num_objects": int(len(vox)),
+        "median_extent_voxels": np.median(vox, axis=0).round(2).tolist(),
+        "p05_extent_voxels": np.percentile(vox, 5, axis=0).round(2).tolist(),
+        "median_extent_mm": np.median(mm, axis=0).round(3).tolist(),
+        "p05_extent_mm": np.percentile(mm, 5, axis=0).round(3).tolist(),
+    }
+
+
+def extract_fingerprint(spec: DatasetSpec, num_processes: int = 2, seed: int = 1234) -> dict:
+    """Fingerprint of all training cases of ``spec`` (reads every case once, in parallel)."""
+    cases, problems = list_training_cases(spec)
+    if problems:
+        raise UserInputError(
+            "cannot fingerprint the dataset:\n" + "\n".join(f"  - {p}" for p in problems[:20])
+            + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""),
+            path=spec.folder,
+            fix="run with --verify_dataset_integrity for a full report, fix the files, run again",
+        )
+    labels = spec.class_labels
+    per_case = map_with_progress(
+        case_fingerprint, [(c, labels, seed + i) for i, c in enumerate(cases)], num_processes, desc="fingerprint"
+    )
+    num_channels = len(per_case[0]["_intensities"])
+    intensity_properties = {}
+    for ch in range(num_channels):
+        values = np.concatenate([c["_intensities"][ch] for c in per_case])
+        minmax = np.asarray([c["_channel_minmax"][ch] for c in per_case])
+        intensity_properties[str(ch)] = _intensity_statistics(values, minmax)
+    total = {str(c): sum(pc["class_voxels"][str(c)] for pc in per_case) for c in labels}
+    all_voxels = max(1, sum(total.values()))
+    objects = {}
+    for c in spec.foreground_labels:
+        extents = [(e, np.asarray(pc["spacing"])) for pc in per_case for e in pc["object_extents"][str(c)]]
+        objects[str(c)] = _size_summary(extents)
+    shapes_after = np.asarray([pc["shape_after_crop"] for pc in per_case])
+    shapes_before = np.asarray([pc["shape_before_crop"] for pc in per_case])
+    return {
+        "fingerprint_version": FINGERPRINT_VERSION,
+        "dataset_name": spec.name,
+        "num_cases": len(per_case),
+        "num_channels": num_channels,
+        "channel_names": {str(k): v for k, v in spec.channel_names.items()},
+        "labels": spec.labels,
+        "is_2d_dataset": bool(all(pc["shape_before_crop"][0] == 1 for pc in per_case)),
+        "axis_order": "z, y, x (numpy array order); 2D images have z = 1 and z spacing 999",
+        "median_spacing": np.median([pc["spacing"] for pc in per_case], axis=0).tolist(),
+        "median_shape_after_crop": np.median(shapes_after, axis=0).tolist(),
+        "median_relative_size_after_crop": float(
+            np.median(np.prod(shapes_after, axis=1) / np.prod(shapes_before, axis=1))
+        ),
+        "foreground_intensity_properties_per_channel": intensity_properties,
+        "class_voxel_frequency": {c: v / all_voxels for c, v in total.items()},
+        "object_sizes_per_class": objects,
+        "cases": [
+            {k: v for k, v in pc.items() if not k.startswith("_") and k != "object_extents"}
+            | {"num_objects": {c: len(v) for c, v in pc["object_extents"].items()}}
+            for pc in per_case
+        ],
+    }

@@ -1,0 +1,80 @@
+"""``--verify_dataset_integrity``: read every file once and report *all* problems together.
+
+A user fixing a dataset wants the whole list, not one error per run; every line names the file.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from latdiffunet.errors import DatasetIntegrityError, UserInputError
+from latdiffunet.imageio.sitk_io import read_image, read_label
+from latdiffunet.raw_dataset import CaseFiles, DatasetSpec, list_training_cases
+from latdiffunet.utilities.parallel import map_with_progress
+
+
+def check_case(args: tuple[CaseFiles, list[int], int | None]) -> list[str]:
+    """All problems of one case (empty list when it is fine)."""
+    case, allowed_labels, expected_dim, expected_channels = args
+    problems: list[str] = []
+    first_geometry = None
+    first_path = None
+    channels = 0
+    for path in case.images:
+        try:
+            arr, geometry = read_image(path)
+        except UserInputError as exc:
+            problems.append(str(exc).replace("\n  fix:", " -"))
+            continue
+        channels += arr.shape[0]
+        if expected_dim is not None and geometry.dimension != expected_dim:
+            problems.append(f"{path}: image is {geometry.dimension}D but the dataset's file_ending implies {expected_dim}D")
+        if not np.all(np.isfinite(arr)):
+            n = int((~np.isfinite(arr)).sum())
+            problems.append(f"{path}: {n} voxel(s) are NaN or inf; replace them (e.g. with the background value)")
+        if first_geometry is None:
+            first_geometry, first_path = geometry, path
+        else:
+            diff = first_geometry.matches(geometry)
+            if diff:
+                problems.append(f"{path}: geometry differs from {first_path.name}: {'; '.join(diff)}")
+    if channels and channels != expected_channels:
+        hint = (
+            '; for RGB photographs declare channel_names {"0": "R", "1": "G", "2": "B"} with one file per case'
+            if channels == 3 * len(case.images) else ""
+        )
+        problems.append(
+            f"{case.images[0]}: case {case.case_id} has {channels} channel(s) but dataset.json declares {expected_channels}{hint}"
+        )
+    labels_to_check = ([case.label] if case.label is not None else []) + [p for p in case.rater_labels if p.exists()]
+    for label_path in labels_to_check:
+        try:
+            seg, geometry = read_label(label_path)
+        except UserInputError as exc:
+            problems.append(str(exc).replace("\n  fix:", " -"))
+            continue
+        if first_geometry is not None:
+            diff = first_geometry.matches(geometry)
+            if diff:
+                problems.append(f"{label_path}: geometry differs from image {first_path.name}: {'; '.join(diff)}")
+        unexpected = sorted(set(np.unique(seg).tolist()) - set(allowed_labels))
+        if unexpected:
+            problems.append(
+                f"{label_path}: label values {unexpected} are not declared in dataset.json (allowed: {allowed_labels})"
+            )
+    return problems
+
+
+def verify_dataset_integrity(spec: DatasetSpec, num_processes: int = 2) -> list[CaseFiles]:
+    """Raise :class:`DatasetIntegrityError` listing every problem; return the cases when all is well."""
+    cases, problems = list_training_cases(spec)
+    allowed = sorted(spec.labels.values())
+    expected_dim = 2 if spec.is_2d_format else None
+    per_case = map_with_progress(
+        check_case, [(c, allowed, expected_dim, spec.num_channels) for c in cases], num_processes, desc="verifying dataset"
+    )
+    for case_problems in per_case:
+        problems.extend(case_problems)
+    if problems:
+        raise DatasetIntegrityError(problems, spec.folder)
+    return cases

@@ -1,0 +1,218 @@
+"""Reading and writing images through SimpleITK, keeping the geometry.
+
+Internally every image is a numpy array ``(C, Z, Y, X)`` (labels ``(Z, Y, X)``), whatever its
+file format: 2D images get ``Z == 1``. Geometry is kept in SimpleITK's own order (x, y, z) in an
+:class:`ImageGeometry`, because that is what must be written back for the output to overlay the
+input in ITK-SNAP / 3D Slicer. Spacing in *array* order (z, y, x) is what the pipeline computes
+with; for 2D images the z spacing is a large placeholder (nnU-Net's 999) so that no algorithm
+mistakes the single slice for a thin 3D volume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from latdiffunet.errors import UserInputError
+from latdiffunet.utilities.file_io import atomic_path
+
+SUPPORTED_FILE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+NATURAL_IMAGE_ENDINGS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+SPACING_2D_PLACEHOLDER = 999.0
+
+
+def file_ending_of(path: str | Path) -> str:
+    name = str(path).lower()
+    for ending in sorted(SUPPORTED_FILE_ENDINGS, key=len, reverse=True):
+        if name.endswith(ending):
+            return ending
+    return Path(name).suffix
+
+
+@dataclass(frozen=True)
+class ImageGeometry:
+    """Physical placement of an image, in SimpleITK order (x, y[, z])."""
+
+    size: tuple[int, ...]
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    direction: tuple[float, ...]
+
+    @property
+    def dimension(self) -> int:
+        return len(self.size)
+
+    @property
+    def spacing_zyx(self) -> tuple[float, float, float]:
+        """Spacing in numpy array order; 2D images get the placeholder z spacing."""
+        if self.dimension == 2:
+            return (SPACING_2D_PLACEHOLDER, float(self.spacing[1]), float(self.spacing[0]))
+        return tuple(float(s) for s in self.spacing[::-1])  # type: ignore[return-value]
+
+    @property
+    def shape_zyx(self) -> tuple[int, int, int]:
+        if self.dimension == 2:
+            return (1, int(self.size[1]), int(self.size[0]))
+        return tuple(int(s) for s in self.size[::-1])  # type: ignore[return-value]
+
+    def to_dict(self) -> dict:
+        return {k: list(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ImageGeometry":
+        return cls(
+            size=tuple(int(x) for x in d["size"]),
+            spacing=tuple(float(x) for x in d["spacing"]),
+            origin=tuple(float(x) for x in d["origin"]),
+            direction=tuple(float(x) for x in d["direction"]),
+        )
+
+    @classmethod
+    def of(cls, img: sitk.Image) -> "ImageGeometry":
+        return cls(
+            size=tuple(int(s) for s in img.GetSize()),
+            spacing=tuple(float(s) for s in img.GetSpacing()),
+            origin=tuple(float(s) for s in img.GetOrigin()),
+            direction=tuple(float(s) for s in img.GetDirection()),
+        )
+
+    def matches(self, other: "ImageGeometry", tolerance: float = 1e-4) -> list[str]:
+        """Names of the geometry fields that differ (empty when they agree)."""
+        problems = []
+        if self.size != other.size:
+            problems.append(f"shape {list(self.size)} vs {list(other.size)}")
+        for field in ("spacing", "origin", "direction"):
+            a, b = np.asarray(getattr(self, field)), np.asarray(getattr(other, field))
+            if a.shape != b.shape or not np.allclose(a, b, atol=tolerance, rtol=tolerance):
+                problems.append(f"{field} {a.round(5).tolist()} vs {b.round(5).tolist()}")
+        return problems
+
+
+def _read_sitk(path: Path) -> sitk.Image:
+    if not path.exists():
+        raise UserInputError("file not found", path=path)
+    if path.is_dir():
+        raise UserInputError("expected an image file but found a folder", path=path)
+    if file_ending_of(path) not in SUPPORTED_FILE_ENDINGS:
+        raise UserInputError(
+            f"unsupported file ending {file_ending_of(path)!r}",
+            path=path,
+            fix=f"convert the file to one of {', '.join(SUPPORTED_FILE_ENDINGS)}",
+        )
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        first_line = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reader error"
+        raise UserInputError(
+            f"cannot be read as an image (corrupt, truncated or wrong format): {first_line}",
+            path=path,
+            fix="re-export the file from its source; check that the extension matches the content",
+        ) from None
+
+
+def read_image(path: str | Path) -> tuple[np.ndarray, ImageGeometry]:
+    """One image file as ``(C, Z, Y, X)`` float32; an RGB file gives ``C == 3``."""
+    path = Path(path)
+    img = _read_sitk(path)
+    dim = img.GetDimension()
+    if dim not in (2, 3):
+        raise UserInputError(
+            f"image has {dim} dimensions; only 2D and 3D images are supported",
+            path=path,
+            fix="split 4D series into one 3D file per channel (CASE_0000, CASE_0001, ...)",
+        )
+    arr = sitk.GetArrayFromImage(img)
+    components = img.GetNumberOfComponentsPerPixel()
+    if components > 1:  # vector pixels: channel is the last numpy axis
+        arr = np.moveaxis(arr, -1, 0)
+    else:
+        arr = arr[None]
+    if dim == 2:
+        arr = arr[:, None]
+    return arr.astype(np.float32, copy=False), ImageGeometry.of(img)
+
+
+def read_images_as_channels(paths: Sequence[str | Path]) -> tuple[np.ndarray, ImageGeometry]:
+    """Stack one file per channel (nnU-Net's ``CASE_0000``, ``CASE_0001``, ...) into ``(C, Z, Y, X)``.
+
+    All channels must share the geometry of the first, otherwise voxels would not correspond.
+    """
+    arrays, first_geometry = [], None
+    for p in paths:
+        arr, geometry = read_image(p)
+        if first_geometry is None:
+            first_geometry = geometry
+        else:
+            diff = first_geometry.matches(geometry)
+            if diff:
+                raise UserInputError(
+                    f"geometry differs from {Path(paths[0]).name}: {'; '.join(diff)}",
+                    path=p,
+                    fix="resample all channels of a case onto the same grid",
+                )
+        arrays.append(arr)
+    if first_geometry is None:
+        raise ValueError("no image paths given")
+    return np.concatenate(arrays, axis=0), first_geometry
+
+
+def read_label(path: str | Path) -> tuple[np.ndarray, ImageGeometry]:
+    """A label map as ``(Z, Y, X)`` int16; refuses multi-component and non-integer labels."""
+    path = Path(path)
+    arr, geometry = read_image(path)
+    if arr.shape[0] != 1:
+        raise UserInputError(
+            f"label file has {arr.shape[0]} components per pixel (an RGB image?); labels must be single-channel",
+            path=path,
+            fix="save the label map as a grayscale image with integer class values",
+        )
+    arr = arr[0]
+    if not np.all(np.isfinite(arr)):
+        raise UserInputError("label file contains NaN or inf", path=path)
+    if not np.array_equal(arr, np.round(arr)):
+        raise UserInputError(
+            "label file contains non-integer values", path=path, fix="labels must be integer class ids"
+        )
+    return arr.astype(np.int16), geometry
+
+
+def _to_sitk(array_zyx: np.ndarray, geometry: ImageGeometry, is_vector: bool = False) -> sitk.Image:
+    arr = np.asarray(array_zyx)
+    if geometry.dimension == 2:
+        arr = arr[..., 0, :, :] if not is_vector else arr[:, 0]
+    if is_vector:
+        arr = np.moveaxis(arr, 0, -1)
+    img = sitk.GetImageFromArray(arr, isVector=is_vector)
+    img.SetSpacing(geometry.spacing)
+    img.SetOrigin(geometry.origin)
+    img.SetDirection(geometry.direction)
+    return img
+
+
+def write_segmentation(seg_zyx: np.ndarray, geometry: ImageGeometry, target: str | Path) -> None:
+    """Write a label map with the input's geometry, atomically, in the format of ``target``'s ending."""
+    target = Path(target)
+    ending = file_ending_of(target)
+    dtype = np.uint8 if ending in NATURAL_IMAGE_ENDINGS or seg_zyx.max(initial=0) < 256 else np.int16
+    if ending in NATURAL_IMAGE_ENDINGS and seg_zyx.max(initial=0) > 255:
+        raise ValueError(f"{target}: label values above 255 cannot be stored in {ending}")
+    img = _to_sitk(seg_zyx.astype(dtype), geometry)
+    with atomic_path(target, suffix=ending) as tmp:
+        sitk.WriteImage(img, str(tmp), useCompression=True)
+
+
+def write_image(array_czyx_or_zyx: np.ndarray, geometry: ImageGeometry, target: str | Path) -> None:
+    """Write a float or vector image (e.g. an uncertainty map) with the given geometry, atomically."""
+    target = Path(target)
+    ending = file_ending_of(target)
+    arr = np.asarray(array_czyx_or_zyx)
+    is_vector = arr.ndim == 4
+    if ending in NATURAL_IMAGE_ENDINGS and arr.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"{target}: {ending} holds uint8/uint16 only; cast or use a 3D format")
+    img = _to_sitk(arr, geometry, is_vector=is_vector)
+    with atomic_path(target, suffix=ending) as tmp:
+        sitk.WriteImage(img, str(tmp), useCompression=True)

@@ -1,0 +1,1 @@
+"""Planned preprocessing: crop to nonzero, normalise, resample, write arrays + JSON properties."""

@@ -1,0 +1,130 @@
+"""Planned preprocessing of one case (training and inference share it) and of a whole dataset.
+
+The same :func:`preprocess_case` runs at training and at prediction time, so the network always
+sees the intensities and spacing it was trained on; :func:`properties` keep everything needed to
+put a prediction back into the original geometry (bounding box, shapes, SimpleITK geometry).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from latdiffunet.imageio.sitk_io import ImageGeometry, read_images_as_channels, read_label
+from latdiffunet.preprocessing.cropping import crop_to_nonzero
+from latdiffunet.preprocessing.normalization import normalize_channel
+from latdiffunet.preprocessing.resampling import new_shape_for_spacing, resample_image, resample_labels
+from latdiffunet.raw_dataset import CaseFiles, DatasetSpec
+from latdiffunet.utilities.file_io import save_npz, write_json
+from latdiffunet.utilities.parallel import map_with_progress
+
+LOCATIONS_PER_CLASS = 1000
+
+
+def target_spacing_for_case(configuration: dict, case_spacing_zyx: tuple[float, ...]) -> list[float]:
+    """The 2d configuration resamples in-plane only; the case keeps its own slice spacing."""
+    spacing = list(configuration["spacing"])
+    if configuration["dimension"] == 2:
+        return [float(case_spacing_zyx[0])] + spacing[1:]
+    return spacing
+
+
+def preprocess_case(
+    data: np.ndarray,
+    seg: np.ndarray | None,
+    geometry: ImageGeometry,
+    plans: dict,
+    configuration_name: str,
+    label_values: list[int] | None = None,
+) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """Crop, normalise, resample. ``seg`` may carry extra leading axes (several raters)."""
+    cfg = plans["configurations"][configuration_name]
+    shape_before_crop = list(data.shape[1:])
+    seg_stack = None if seg is None else (seg[None] if seg.ndim == 3 else seg)
+    data, seg_stack, mask, box = crop_to_nonzero(data, seg_stack)
+    intensity = plans["foreground_intensity_properties_per_channel"]
+    normalized = np.empty(data.shape, dtype=np.float32)
+    for norm in cfg["normalization"]:
+        c = norm["channel"]
+        normalized[c] = normalize_channel(
+            data[c], norm["scheme"], intensity.get(str(c)), mask if norm["use_mask_for_norm"] else None
+        )
+    spacing = geometry.spacing_zyx
+    target = target_spacing_for_case(cfg, spacing)
+    if geometry.dimension == 2:  # a single slice: nothing to resample along z
+        target[0] = spacing[0]
+    new_shape = new_shape_for_spacing(data.shape[1:], spacing, target)
+    separate = cfg["resampling"]["separate_z_axis"]
+    if separate is None and cfg["dimension"] == 2 and geometry.dimension == 3:
+        separate = 0  # 2d configuration: never interpolate across slices
+    out = resample_image(normalized, new_shape, separate)
+    out_seg = None
+    if seg_stack is not None:
+        labels = label_values if label_values is not None else sorted(np.unique(seg_stack).tolist())
+        out_seg = np.stack([resample_labels(s, new_shape, separate, labels) for s in seg_stack]).astype(np.int8)
+    props = {
+        "geometry": geometry.to_dict(),
+        "shape_before_crop": shape_before_crop,
+        "bbox_used_for_cropping": box,
+        "shape_after_crop": list(data.shape[1:]),
+        "spacing": list(spacing),
+        "target_spacing": [float(t) for t in target],
+        "shape_after_resampling": list(out.shape[1:]),
+        "separate_z_axis": separate,
+    }
+    return out, out_seg, props
+
+
+def sample_class_locations(seg: np.ndarray, classes: list[int], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Random voxel coordinates per foreground class, for foreground-oversampled patch sampling."""
+    out = {}
+    for c in classes:
+        coords = np.argwhere(seg == c)
+        if len(coords) > LOCATIONS_PER_CLASS:
+            coords = coords[rng.choice(len(coords), LOCATIONS_PER_CLASS, replace=False)]
+        out[f"locations_{c}"] = coords.astype(np.int32).reshape(-1, seg.ndim)
+    return out
+
+
+def _preprocess_training_case(args: tuple) -> dict:
+    case, spec_labels, plans, config_name, out_dir, seed = args
+    data, geometry = read_images_as_channels(case.images)
+    label_paths = [case.label] + list(case.rater_labels)
+    segs = np.stack([read_label(p)[0] for p in label_paths])
+    data, segs, props = preprocess_case(data, segs, geometry, plans, config_name, spec_labels)
+    rng = np.random.default_rng(seed)
+    foreground = [v for v in spec_labels if v != 0]
+    locations = sample_class_locations(segs[0], foreground, rng)
+    arrays = {"data": data.astype(np.float32), "seg": segs[0]}
+    if len(segs) > 1:
+        arrays["seg_raters"] = segs[1:]
+    save_npz(out_dir / f"{case.case_id}.npz", **arrays, **locations)
+    props["case_id"] = case.case_id
+    props["class_voxels"] = {str(c): int((segs[0] == c).sum()) for c in spec_labels}
+    props["num_locations_per_class"] = {k.split("_")[1]: int(len(v)) for k, v in locations.items()}
+    props["arrays"] = "data (C,Z,Y,X) float32, seg (Z,Y,X) int8, seg_raters (R,Z,Y,X) if several raters, locations_<class> (N,3)"
+    write_json(props, out_dir / f"{case.case_id}.json")
+    return {"case_id": case.case_id, "shape": props["shape_after_resampling"]}
+
+
+def preprocess_dataset(
+    spec: DatasetSpec,
+    cases: list[CaseFiles],
+    plans: dict,
+    configuration_names: list[str],
+    output_folder: Path,
+    num_processes: int = 2,
+) -> None:
+    """Write ``<output_folder>/<data_identifier>/CASE.npz`` + ``CASE.json`` for every case."""
+    labels = sorted(spec.labels.values())
+    for name in configuration_names:
+        out_dir = output_folder / plans["configurations"][name]["data_identifier"]
+        out_dir.mkdir(parents=True, exist_ok=True)
+        jobs = [(c, labels, plans, name, out_dir, 1234 + i) for i, c in enumerate(cases)]
+        map_with_progress(_preprocess_training_case, jobs, num_processes, desc=f"preprocessing {name}")
+        expected = {f"{c.case_id}.npz" for c in cases} | {f"{c.case_id}.json" for c in cases}
+        for stale in os.listdir(out_dir):  # cases removed from the raw folder since the last run
+            if stale.endswith((".npz", ".json")) and stale not in expected:
+                (out_dir / stale).unlink()
