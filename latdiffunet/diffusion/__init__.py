@@ -1,0 +1,35 @@
+"""Diffusion maths: noise schedules, prediction targets and samplers.
+
+Pure tensor arithmetic with no knowledge of any network: samplers drive a ``denoise(x_t, t)``
+callable that the caller builds around a model and its conditioning.
+"""
+
+from latdiffunet.diffusion.parameterization import (
+    PARAMETERIZATIONS,
+    Parameterization,
+    check_parameterization,
+    predict_x0_and_eps,
+    training_target,
+)
+from latdiffunet.diffusion.samplers import Denoiser, ddim_sample, ddpm_sample
+from latdiffunet.diffusion.schedules import (
+    SCHEDULE_NAMES,
+    NoiseSchedule,
+    broadcast_to,
+    inference_timesteps,
+)
+
+__all__ = [
+    "PARAMETERIZATIONS",
+    "SCHEDULE_NAMES",
+    "Denoiser",
+    "NoiseSchedule",
+    "Parameterization",
+    "broadcast_to",
+    "check_parameterization",
+    "ddim_sample",
+    "ddpm_sample",
+    "inference_timesteps",
+    "predict_x0_and_eps",
+    "training_target",
+]

@@ -1,0 +1,216 @@
+"""The full latent-diffusion segmenter and its builder from a plain (JSON-able) dict.
+
+Config-dict schema accepted by :func:`build_model` (this is what the plans store)::
+
+    {
+      "dim": 2 | 3,                       # required
+      "in_channels": int,                 # required, image modalities
+      "num_classes": int,                 # required, incl. background
+      "latent_channels": int,             # default 4
+      "strides": [[int]*dim, ...],        # default []; per-stage per-axis strides shared by
+                                          # autoencoder and image encoder (latent = S / prod)
+      "autoencoder": {                    # all optional
+        "base_channels": 32, "channel_multipliers": null, "max_channels": 256,
+        "blocks_per_stage": 1, "variational": true, "dropout": 0.0
+      },
+      "image_encoder": {                  # all optional
+        "base_channels": 32, "channel_multipliers": null, "max_channels": 256,
+        "blocks_per_stage": 1, "out_channels": null, "dropout": 0.0
+      },
+      "denoiser": {                       # all optional
+        "base_channels": 64, "channel_multipliers": null, "strides": [],
+        "attention_at_bottleneck": true, "attention_heads": 4,
+        "time_embedding_dim": null, "random_latent_dim": 0,
+        "blocks_per_level": 1, "dropout": 0.0
+      }
+    }
+
+``channel_multipliers: null`` means doubling per level (autoencoder, image encoder) or
+``(1, 2, 2, ...)`` (denoiser). ``time_embedding_dim: null`` means ``4 * base_channels``. The
+denoiser's ``cond_channels`` is not a key: it is derived from the image encoder so the two can
+never disagree. Unknown keys are rejected (a typo must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from .denoiser import LatentDenoiser, LatentDenoiserConfig
+from .image_encoder import ImageEncoder, ImageEncoderConfig
+from .mask_autoencoder import MaskAutoencoder, MaskAutoencoderConfig
+
+__all__ = ["LatentDiffusionSegmenter", "build_model", "resolve_model_config", "MODEL_DEFAULTS"]
+
+MODEL_DEFAULTS: dict[str, Any] = {
+    "latent_channels": 4,
+    "strides": [],
+    "autoencoder": {
+        "base_channels": 32,
+        "channel_multipliers": None,
+        "max_channels": 256,
+        "blocks_per_stage": 1,
+        "variational": True,
+        "dropout": 0.0,
+    },
+    "image_encoder": {
+        "base_channels": 32,
+        "channel_multipliers": None,
+        "max_channels": 256,
+        "blocks_per_stage": 1,
+        "out_channels": None,
+        "dropout": 0.0,
+    },
+    "denoiser": {
+        "base_channels": 64,
+        "channel_multipliers": None,
+        "strides": [],
+        "attention_at_bottleneck": True,
+        "attention_heads": 4,
+        "time_embedding_dim": None,
+        "random_latent_dim": 0,
+        "blocks_per_level": 1,
+        "dropout": 0.0,
+    },
+}
+_REQUIRED = ("dim", "in_channels", "num_classes")
+_SECTIONS = ("autoencoder", "image_encoder", "denoiser")
+
+
+def resolve_model_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Return a full copy of ``config`` with every default filled in; validate keys.
+
+    Storing the resolved dict (not the minimal one) in checkpoints makes a model rebuildable
+    even if defaults change later.
+    """
+    missing = [k for k in _REQUIRED if k not in config]
+    if missing:
+        raise ValueError(f"model config is missing required key(s) {missing}")
+    allowed_top = set(_REQUIRED) | set(MODEL_DEFAULTS)
+    unknown = sorted(set(config) - allowed_top)
+    if unknown:
+        raise ValueError(f"unknown model config key(s) {unknown}; allowed: {sorted(allowed_top)}")
+    out = copy.deepcopy(MODEL_DEFAULTS)
+    for key, value in config.items():
+        if key in _SECTIONS:
+            value = value or {}
+            bad = sorted(set(value) - set(MODEL_DEFAULTS[key]))
+            if bad:
+                raise ValueError(
+                    f"unknown key(s) {bad} in model config section '{key}'; "
+                    f"allowed: {sorted(MODEL_DEFAULTS[key])}"
+                )
+            out[key].update(copy.deepcopy(value))
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _tuple_or_none(value: Any) -> tuple[int, ...] | None:
+    return None if value is None else tuple(int(v) for v in value)
+
+
+class LatentDiffusionSegmenter(nn.Module):
+    """Mask autoencoder + image encoder + latent denoiser, plus the latent scale.
+
+    ``latent_scale`` is a buffer (saved in the state dict, moved with ``.to()``, not trained):
+    the trainer sets it to ``1 / std`` of the encoded training latents so the diffusion process
+    sees unit-variance data, which the standard noise schedules assume.
+    """
+
+    latent_scale: torch.Tensor
+
+    def __init__(
+        self,
+        autoencoder: MaskAutoencoder,
+        image_encoder: ImageEncoder,
+        denoiser: LatentDenoiser,
+        config: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        self.autoencoder = autoencoder
+        self.image_encoder = image_encoder
+        self.denoiser = denoiser
+        self.config = config  # resolved build_model dict, if built from one
+        self.register_buffer("latent_scale", torch.tensor(1.0))
+
+    def encode_mask(self, onehot: torch.Tensor) -> torch.Tensor:
+        """One-hot mask -> scaled latent (the deterministic mean ``mu``, times latent_scale)."""
+        mu, _ = self.autoencoder.encode(onehot)
+        return mu * self.latent_scale.to(mu.dtype)
+
+    def decode_latent(self, z_scaled: torch.Tensor) -> torch.Tensor:
+        """Scaled latent -> class logits (undoes latent_scale before decoding)."""
+        return self.autoencoder.decode(z_scaled / self.latent_scale.to(z_scaled.dtype))
+
+    def condition(self, image: torch.Tensor) -> torch.Tensor:
+        """Image -> conditioning feature at latent resolution (the encoder's last scale)."""
+        return self.image_encoder(image)[-1]
+
+    def denoise(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        cond: torch.Tensor,
+        random_latent: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Denoiser output for scaled noisy latents ``x_t`` at timesteps ``t``."""
+        return self.denoiser(x_t, t, cond, random_latent=random_latent, generator=generator)
+
+
+def build_model(config: dict[str, Any]) -> LatentDiffusionSegmenter:
+    """Build a :class:`LatentDiffusionSegmenter` from the dict schema in the module docstring."""
+    cfg = resolve_model_config(config)
+    dim, strides = int(cfg["dim"]), [list(s) for s in cfg["strides"]]
+    ae, ie, dn = cfg["autoencoder"], cfg["image_encoder"], cfg["denoiser"]
+
+    autoencoder = MaskAutoencoder(
+        MaskAutoencoderConfig(
+            dim=dim,
+            num_classes=int(cfg["num_classes"]),
+            latent_channels=int(cfg["latent_channels"]),
+            strides=strides,
+            base_channels=int(ae["base_channels"]),
+            channel_multipliers=_tuple_or_none(ae["channel_multipliers"]),
+            max_channels=int(ae["max_channels"]),
+            blocks_per_stage=int(ae["blocks_per_stage"]),
+            variational=bool(ae["variational"]),
+            dropout=float(ae["dropout"]),
+        )
+    )
+    image_encoder = ImageEncoder(
+        ImageEncoderConfig(
+            dim=dim,
+            in_channels=int(cfg["in_channels"]),
+            strides=strides,
+            base_channels=int(ie["base_channels"]),
+            channel_multipliers=_tuple_or_none(ie["channel_multipliers"]),
+            max_channels=int(ie["max_channels"]),
+            blocks_per_stage=int(ie["blocks_per_stage"]),
+            out_channels=None if ie["out_channels"] is None else int(ie["out_channels"]),
+            dropout=float(ie["dropout"]),
+        )
+    )
+    denoiser = LatentDenoiser(
+        LatentDenoiserConfig(
+            dim=dim,
+            latent_channels=int(cfg["latent_channels"]),
+            cond_channels=image_encoder.out_channels_per_scale[-1],
+            base_channels=int(dn["base_channels"]),
+            channel_multipliers=_tuple_or_none(dn["channel_multipliers"]),
+            strides=[list(s) for s in dn["strides"]],
+            attention_at_bottleneck=bool(dn["attention_at_bottleneck"]),
+            attention_heads=int(dn["attention_heads"]),
+            time_embedding_dim=(
+                None if dn["time_embedding_dim"] is None else int(dn["time_embedding_dim"])
+            ),
+            random_latent_dim=int(dn["random_latent_dim"]),
+            blocks_per_level=int(dn["blocks_per_level"]),
+            dropout=float(dn["dropout"]),
+        )
+    )
+    return LatentDiffusionSegmenter(autoencoder, image_encoder, denoiser, config=cfg)
