@@ -1,0 +1,87 @@
+"""Stage 1 on the real MSD Hippocampus data: convert, verify, fingerprint, plan, preprocess.
+
+Also guards the reference plans in ``plans/reference``: if the planner's output for the real data
+changes, this test fails until the references are regenerated *on purpose* with
+``LATDIFF_UPDATE_REFERENCE_PLANS=1 pytest tests/test_hippocampus_end_to_end.py``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT, shared_dataset
+
+pytestmark = [pytest.mark.slow, pytest.mark.realdata]
+DATASET = "Dataset004_Hippocampus"
+VOLATILE_KEYS = {"generated_by"}
+
+
+def _load_converter():
+    spec = importlib.util.spec_from_file_location("convert_hippocampus", REPO_ROOT / "dataset_conversion" / "convert_hippocampus.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    source = shared_dataset("Hippocampus")
+    root = tmp_path_factory.mktemp("hippo")
+    env = {"LATDIFF_RAW": root / "raw", "LATDIFF_PREPROCESSED": root / "pre", "LATDIFF_RESULTS": root / "res"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update({k: str(v) for k, v in env.items()})
+    try:
+        _load_converter().convert(source, env["LATDIFF_RAW"])
+        from latdiffunet.experiment_planning.cli import main
+
+        for preset in ("default", "tiny"):
+            assert main(["-d", "4", "--verify_dataset_integrity", "--preset", preset, "-np", "2"]) == 0
+        yield env
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def test_outputs_exist_and_are_consistent(prepared):
+    out = prepared["LATDIFF_PREPROCESSED"] / DATASET
+    fp = json.loads((out / "dataset_fingerprint.json").read_text())
+    assert fp["num_cases"] == 220 and fp["num_channels"] == 1
+    assert set(fp["object_sizes_per_class"]) == {"1", "2"}
+    splits = json.loads((out / "splits_final.json").read_text())
+    assert len(splits) == 5 and sum(len(s["val"]) for s in splits) == 220
+    plans = json.loads((out / "latdiffPlans.json").read_text())
+    assert set(plans["configurations"]) == {"2d", "3d"}
+    for cfg in plans["configurations"].values():
+        folder = out / cfg["data_identifier"]
+        assert len(list(folder.glob("*.npz"))) == 220 and len(list(folder.glob("*.json"))) == 220
+    props = json.loads((out / "latdiffPlans_3d" / "hippocampus_001.json").read_text())
+    with np.load(out / "latdiffPlans_3d" / "hippocampus_001.npz", allow_pickle=False) as f:
+        data, seg = f["data"], f["seg"]
+        assert data.shape[1:] == seg.shape == tuple(props["shape_after_resampling"])
+        assert abs(float(data.mean())) < 0.2 and set(np.unique(seg)) <= {0, 1, 2}
+        assert len(f["locations_1"]) > 0 and np.all(seg[tuple(f["locations_1"].T)] == 1)
+
+
+@pytest.mark.parametrize("plans_name", ["latdiffPlans", "latdiffPlans_tiny"])
+def test_reference_plans_unchanged(prepared, plans_name):
+    produced = json.loads((prepared["LATDIFF_PREPROCESSED"] / DATASET / f"{plans_name}.json").read_text())
+    produced = {k: v for k, v in produced.items() if k not in VOLATILE_KEYS}
+    reference_file = REPO_ROOT / "plans" / "reference" / DATASET / f"{plans_name}.json"
+    if os.environ.get("LATDIFF_UPDATE_REFERENCE_PLANS") == "1":
+        reference_file.parent.mkdir(parents=True, exist_ok=True)
+        reference_file.write_text(json.dumps(produced, indent=2) + "\n")
+    reference = json.loads(reference_file.read_text())
+    assert json.loads(json.dumps(produced)) == reference, (
+        f"the planner's output for {DATASET} changed; if intended, regenerate {reference_file} with "
+        "LATDIFF_UPDATE_REFERENCE_PLANS=1"
+    )
