@@ -246,10 +246,17 @@ def list_training_cases(spec: DatasetSpec) -> tuple[list[CaseFiles], list[str]]:
                 raters.append(rp)
         cases.append(CaseFiles(case_id, image_paths, label, raters))
     if label_folder.is_dir():
+        # cases with image files at all; one with a missing channel is already reported above
+        image_folder = spec.folder / "imagesTr"
+        named_cases = {
+            m["case"]
+            for p in (image_folder.iterdir() if image_folder.is_dir() else ())
+            if p.name.endswith(spec.file_ending) and (m := CHANNEL_SUFFIX.match(p.name[: -len(spec.file_ending)]))
+        }
         for p in sorted(label_folder.iterdir()):
             if p.name.startswith(".") or not p.name.endswith(spec.file_ending):
                 continue
-            if p.name[: -len(spec.file_ending)] not in images:
+            if p.name[: -len(spec.file_ending)] not in named_cases:
                 problems.append(f"{p}: label without image (expected {spec.folder / 'imagesTr'}/{p.name[: -len(spec.file_ending)]}_0000{spec.file_ending})")
     if not images and not problems:
         problems.append(f"{spec.folder / 'imagesTr'}: no training images found")

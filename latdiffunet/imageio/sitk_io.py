@@ -10,6 +10,11 @@ mistakes the single slice for a thin 3D volume.
 
 from __future__ import annotations
 
+import gzip
+import os
+import re
+import struct
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -104,14 +109,80 @@ def _read_sitk(path: Path) -> sitk.Image:
             fix=f"convert the file to one of {', '.join(SUPPORTED_FILE_ENDINGS)}",
         )
     try:
-        return sitk.ReadImage(str(path))
+        img = sitk.ReadImage(str(path))
     except RuntimeError as exc:
-        first_line = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reader error"
+        # ITK's last line is the most specific, except a trailing "Reason: <stale errno text>"
+        # (a truncated .mha says "No such file or directory")
+        lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+        while len(lines) > 1 and lines[-1].startswith("Reason:"):
+            lines.pop()
+        first_line = re.sub(r"\(0x[0-9a-fA-F]+\)", "", lines[-1]) if lines else "unknown reader error"
         raise UserInputError(
             f"cannot be read as an image (corrupt, truncated or wrong format): {first_line}",
             path=path,
             fix="re-export the file from its source; check that the extension matches the content",
         ) from None
+    if file_ending_of(path) in (".nii", ".nii.gz"):
+        _check_nifti_complete(path)
+    return img
+
+
+def _nifti_expected_bytes(header: bytes) -> int | None:
+    """Header plus voxel bytes a NIfTI-1/2 file must hold (uncompressed); None if not parseable."""
+    for order in ("<", ">"):
+        if len(header) >= 348 and struct.unpack(order + "i", header[:4])[0] == 348:
+            dims = struct.unpack(order + "8h", header[40:56])
+            bitpix = struct.unpack(order + "h", header[72:74])[0]
+            vox_offset = int(struct.unpack(order + "f", header[108:112])[0])
+            break
+        if len(header) >= 540 and struct.unpack(order + "i", header[:4])[0] == 540:
+            bitpix = struct.unpack(order + "h", header[14:16])[0]
+            dims = struct.unpack(order + "8q", header[16:80])
+            vox_offset = struct.unpack(order + "q", header[168:176])[0]
+            break
+    else:
+        return None
+    if not 1 <= dims[0] <= 7 or bitpix <= 0:
+        return None
+    return vox_offset + int(np.prod([max(1, int(d)) for d in dims[1 : dims[0] + 1]], dtype=np.int64)) * bitpix // 8
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """ITK reads a truncated NIfTI without complaint and pads the missing voxels with zeros."""
+    with open(path, "rb") as f:
+        gzipped = f.read(2) == b"\x1f\x8b"
+    truncated = UserInputError(
+        "truncated: the file ends before all voxels its NIfTI header announces",
+        path=path,
+        fix="re-export or re-copy the file; an interrupted download or copy leaves such files",
+    )
+    try:
+        with (gzip.open(path, "rb") if gzipped else open(path, "rb")) as f:
+            header = f.read(348)
+            if header[:4] in (struct.pack("<i", 540), struct.pack(">i", 540)):
+                header += f.read(192)
+    except (OSError, EOFError, zlib.error):
+        raise truncated from None
+    expected = _nifti_expected_bytes(header)
+    if expected is None:
+        return  # ITK understood a header we do not; trust it
+    if not gzipped:
+        if path.stat().st_size < expected:
+            raise truncated
+        return
+    with open(path, "rb") as f:  # fast path: gzip's trailer stores the uncompressed size mod 2**32
+        f.seek(-4, os.SEEK_END)
+        if struct.unpack("<I", f.read(4))[0] == expected % 2**32:
+            return
+    available = 0  # slow path (truncated, multi-member or > 4 GiB): decompress and count
+    try:
+        with gzip.open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                available += len(chunk)
+    except (OSError, EOFError, zlib.error):  # the compressed stream itself is cut short or damaged
+        raise truncated from None
+    if available < expected:
+        raise truncated
 
 
 def read_image(path: str | Path) -> tuple[np.ndarray, ImageGeometry]:
@@ -180,7 +251,10 @@ def read_label(path: str | Path) -> tuple[np.ndarray, ImageGeometry]:
     return arr.astype(np.int16), geometry
 
 
-def _to_sitk(array_zyx: np.ndarray, geometry: ImageGeometry, is_vector: bool = False) -> sitk.Image:
+def _to_sitk(array_zyx: np.ndarray, geometry: ImageGeometry, is_vector: bool = False, ending: str = "") -> sitk.Image:
+    if ending in (".png", ".jpg", ".jpeg", ".bmp") and geometry.dimension == 3 and geometry.size[2] > 1:
+        # ITK would silently write the first slice only
+        raise ValueError(f"{ending} holds a single 2D slice; write this {geometry.size[2]}-slice volume as .nii.gz")
     arr = np.asarray(array_zyx)
     if geometry.dimension == 2:
         arr = arr[..., 0, :, :] if not is_vector else arr[:, 0]
@@ -200,7 +274,7 @@ def write_segmentation(seg_zyx: np.ndarray, geometry: ImageGeometry, target: str
     dtype = np.uint8 if ending in NATURAL_IMAGE_ENDINGS or seg_zyx.max(initial=0) < 256 else np.int16
     if ending in NATURAL_IMAGE_ENDINGS and seg_zyx.max(initial=0) > 255:
         raise ValueError(f"{target}: label values above 255 cannot be stored in {ending}")
-    img = _to_sitk(seg_zyx.astype(dtype), geometry)
+    img = _to_sitk(seg_zyx.astype(dtype), geometry, ending=ending)
     with atomic_path(target, suffix=ending) as tmp:
         sitk.WriteImage(img, str(tmp), useCompression=True)
 
@@ -213,6 +287,6 @@ def write_image(array_czyx_or_zyx: np.ndarray, geometry: ImageGeometry, target: 
     is_vector = arr.ndim == 4
     if ending in NATURAL_IMAGE_ENDINGS and arr.dtype not in (np.uint8, np.uint16):
         raise ValueError(f"{target}: {ending} holds uint8/uint16 only; cast or use a 3D format")
-    img = _to_sitk(arr, geometry, is_vector=is_vector)
+    img = _to_sitk(arr, geometry, is_vector=is_vector, ending=ending)
     with atomic_path(target, suffix=ending) as tmp:
         sitk.WriteImage(img, str(tmp), useCompression=True)

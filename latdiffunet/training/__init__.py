@@ -1,0 +1,1 @@
+"""Training: data loading and augmentation, losses, configuration, checkpoints, logging and trainers."""

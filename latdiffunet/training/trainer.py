@@ -1,0 +1,353 @@
+"""The two-stage latent diffusion trainer.
+
+Stage 1 (``autoencoder``) learns the shape manifold: a mask autoencoder trained with weighted
+cross-entropy + Dice (+ a tiny KL). Stage 2 (``diffusion``) freezes it, scales its latents to unit
+variance and trains the image encoder + latent denoiser; besides the latent loss, the decoded
+x0-estimate is supervised with cross-entropy + Dice so the model is trained for segmentation,
+not latent realism (Öttl et al.). Epochs are numbered across both stages, so one checkpoint,
+one log and one ``--c`` cover the whole run.
+
+A variant is a subclass that changes :attr:`config_overrides` / :attr:`diffusion_overrides`
+(see ``variants.py``); the machinery below stays the same.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from latdiffunet.diffusion import predict_x0_and_eps, training_target
+from latdiffunet.errors import UserInputError
+from latdiffunet.inference.latent_sampling import autocast_for, schedule_from_plan
+from latdiffunet.networks import build_model, kl_divergence
+from latdiffunet.training.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
+from latdiffunet.training.config import TrainerConfig
+from latdiffunet.training.logger import TrainingLogger
+from latdiffunet.training.losses import one_hot, segmentation_loss
+from latdiffunet.training.validation import evaluate_model_on_cases
+
+
+class LatentDiffusionTrainer:
+    config_overrides: dict = {}
+    diffusion_overrides: dict = {}
+
+    def __init__(
+        self,
+        plans: dict,
+        configuration_name: str,
+        fold: int | str,
+        preprocessed_dataset_folder: Path,
+        output_folder: Path,
+        device: torch.device,
+        config: TrainerConfig,
+        splits: list[dict],
+    ):
+        self.plans = plans
+        self.configuration_name = configuration_name
+        self.configuration = copy.deepcopy(plans["configurations"][configuration_name])
+        self.configuration["diffusion"].update(self.diffusion_overrides)
+        self.fold = fold
+        self.data_folder = preprocessed_dataset_folder / self.configuration["data_identifier"]
+        self.output_folder = output_folder
+        self.device = device
+        self.config = config
+        self.train_cases, self.val_cases = self._fold_cases(splits)
+        torch.manual_seed(config.seed)
+        np.random.seed(config.seed)
+        self.model = build_model(self.configuration["network"]).to(device)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.schedule = schedule_from_plan(self.configuration["diffusion"])
+        self.parameterization = self.configuration["diffusion"]["parameterization"]
+        self.class_weights = torch.tensor(self.configuration["loss"]["class_weights"], dtype=torch.float32, device=device)
+        self.amp = config.amp and device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.optimizer_stage: str | None = None
+        self.epoch = 0
+        self.ema_updates = 0
+        self.best_val_dice = -math.inf
+        self.logger = TrainingLogger(output_folder)
+        self._stream = None
+
+    # ------------------------------------------------------------------ setup
+    def _fold_cases(self, splits: list[dict]) -> tuple[list[str], list[str]]:
+        if self.fold == "all":
+            return sorted({c for s in splits for c in s["train"] + s["val"]}), []
+        if not 0 <= int(self.fold) < len(splits):
+            raise UserInputError(f"fold {self.fold} does not exist; splits_final.json has {len(splits)} folds (0-{len(splits) - 1} or 'all')")
+        return list(splits[int(self.fold)]["train"]), list(splits[int(self.fold)]["val"])
+
+    def _trainable_parameters(self, stage: str) -> list[torch.nn.Parameter]:
+        if stage == "autoencoder":
+            return list(self.model.autoencoder.parameters())
+        params = list(self.model.image_encoder.parameters()) + list(self.model.denoiser.parameters())
+        if self.config.joint_finetune:
+            params += list(self.model.autoencoder.decoder.parameters())
+        return params
+
+    def _setup_stage(self, stage: str) -> None:
+        """A fresh optimiser per stage; in stage 2 only what is trained has gradients."""
+        if self.optimizer_stage == stage:
+            return
+        self.model.requires_grad_(False)
+        params = self._trainable_parameters(stage)
+        for p in params:
+            p.requires_grad_(True)
+        self.optimizer = torch.optim.AdamW(params, lr=self._base_lr(stage), weight_decay=self.config.weight_decay)
+        self.optimizer_stage = stage
+
+    def _base_lr(self, stage: str) -> float:
+        if stage == "autoencoder":
+            return self.config.autoencoder_learning_rate or self.config.learning_rate
+        return self.config.learning_rate
+
+    def learning_rate(self, epoch: int) -> float:
+        """Polynomial decay (nnU-Net's) within each stage, restarting at the stage change."""
+        stage = self.config.stage_of(epoch)
+        start, length = (0, self.config.autoencoder_epochs) if stage == "autoencoder" else (self.config.autoencoder_epochs, self.config.diffusion_epochs)
+        return self._base_lr(stage) * (1 - (epoch - start) / max(length, 1)) ** 0.9
+
+    def batch_stream(self):
+        """Augmented training batches, started lazily (background workers when configured)."""
+        if self._stream is None:
+            from latdiffunet.training import data_loading as dl
+
+            patch = self.configuration["patch_size"]
+            dim = self.configuration["dimension"]
+            initial = dl.initial_patch_size(patch, dl.ROTATION_DEGREES, dl.SCALE_RANGE) if self.config.augment else patch
+            loader = dl.PatchDataLoader(
+                self.data_folder, self.train_cases, patch, self.config.batch_size or self.configuration["batch_size"],
+                dim, self.config.foreground_oversampling, seed=self.config.seed + self.epoch,
+                initial_patch_size=initial,
+            )
+            transforms = dl.build_transforms(dim, patch, augment=self.config.augment)
+            self._stream = dl.make_batch_stream(loader, transforms, self.config.num_workers, self.config.seed + self.epoch)
+        return self._stream
+
+    def shutdown(self) -> None:
+        if self._stream is not None:
+            from latdiffunet.training.data_loading import close_batch_stream
+
+            close_batch_stream(self._stream)
+        self._stream = None
+
+    # ------------------------------------------------------------------ steps
+    def _to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        data = torch.as_tensor(batch["data"], dtype=torch.float32).to(self.device, non_blocking=True)
+        seg = torch.as_tensor(batch["seg"]).long().to(self.device, non_blocking=True)
+        return data, seg
+
+    def autoencoder_loss(self, data: torch.Tensor, seg: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        out = self.model.autoencoder(one_hot(seg, self.model.config["num_classes"]))
+        loss, parts = segmentation_loss(out["logits"], seg, self.class_weights, self.config.dice_weight)
+        kl = kl_divergence(out["mu"], out["logvar"])
+        return loss + self.config.kl_weight * kl, parts | {"kl": kl.item()}
+
+    def diffusion_loss(self, data: torch.Tensor, seg: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        with torch.no_grad():
+            z0 = self.model.encode_mask(one_hot(seg, self.model.config["num_classes"]))
+        t = torch.randint(0, self.schedule.num_timesteps, (z0.shape[0],), device=self.device)
+        noise = torch.randn_like(z0)
+        alpha, sigma = self.schedule.alpha_sigma(t, ndim=z0.ndim)
+        z_t = alpha * z0 + sigma * noise
+        output = self.model.denoise(z_t, t, self.model.condition(data)).float()
+        target = training_target(self.parameterization, z0, noise, alpha, sigma)
+        latent_loss = torch.mean((output - target) ** 2)
+        x0_hat, _ = predict_x0_and_eps(self.parameterization, output, z_t, alpha, sigma)
+        decoded_loss, parts = segmentation_loss(self.model.decode_latent(x0_hat), seg, self.class_weights, self.config.dice_weight)
+        loss = self.config.latent_loss_weight * latent_loss + self.config.decoded_supervision_weight * decoded_loss
+        return loss, parts | {"latent_loss": latent_loss.item(), "decoded_loss": decoded_loss.item()}
+
+    def train_step(self, batch: dict, stage: str) -> dict:
+        data, seg = self._to_device(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast_for(self.device, self.amp):
+            loss, parts = (self.autoencoder_loss if stage == "autoencoder" else self.diffusion_loss)(data, seg)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], self.config.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self._update_ema()
+        return parts | {"loss": loss.item()}
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        """EMA with warm-up: (1 + n) / (10 + n) caps the decay early on, so a short run's EMA is
+        not dominated by its random initial weights."""
+        self.ema_updates += 1
+        d = min(self.config.ema_decay, (1 + self.ema_updates) / (10 + self.ema_updates))
+        for e, p in zip(self.ema.parameters(), self.model.parameters()):
+            if p.requires_grad:
+                e.lerp_(p, 1 - d)
+        for e, b in zip(self.ema.buffers(), self.model.buffers()):
+            e.copy_(b)
+
+    @torch.no_grad()
+    def calibrate_latent_scale(self, num_batches: int = 10) -> float:
+        """Set latent_scale = 1/std of the training latents: noise schedules assume unit variance."""
+        self.model.eval()
+        self.model.latent_scale.fill_(1.0)
+        latents = []
+        for _ in range(num_batches):
+            _, seg = self._to_device(next(self.batch_stream()))
+            latents.append(self.model.encode_mask(one_hot(seg, self.model.config["num_classes"])).float().flatten())
+        std = float(torch.cat(latents).std())
+        self.model.latent_scale.fill_(1.0 / max(std, 1e-6))
+        self.ema.load_state_dict(self.model.state_dict())  # EMA starts from the finished autoencoder
+        self.ema_updates = 0
+        self.model.train()
+        return 1.0 / max(std, 1e-6)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, stage: str, final: bool = False) -> dict:
+        cases = self.val_cases if final else self.val_cases[: self.config.validation_cases]
+        if not cases:
+            return {}
+        samples = self.config.validation_samples or self.configuration["inference"]["num_samples"]
+        mode = "reconstruction" if stage == "autoencoder" else "sampling"
+        model = self.model if stage == "autoencoder" else self.ema
+        summary = evaluate_model_on_cases(
+            model, self.data_folder, cases, self.configuration, self.device, mode, num_samples=samples,
+            seed=self.config.seed, amp=self.amp,
+        )
+        self.model.train()
+        return summary
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_state(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict() if self.optimizer else None,
+            "optimizer_stage": self.optimizer_stage,
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "ema_updates": self.ema_updates,
+            "autoencoder_epochs": self.config.autoencoder_epochs,
+            "best_val_dice": self.best_val_dice,
+            "rng": rng_state(),
+            "trainer": type(self).__name__,
+            "plans_name": self.plans["plans_name"],
+            "configuration": self.configuration_name,
+            "fold": str(self.fold),
+            "network": self.configuration["network"],
+            "diffusion": self.configuration["diffusion"],
+        }
+
+    def save(self, name: str) -> None:
+        save_checkpoint(self.checkpoint_state(), self.output_folder / name)
+
+    def load(self, path: Path) -> None:
+        state = load_checkpoint(path, self.device)
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.epoch = int(state["epoch"])
+        self.ema_updates = int(state["ema_updates"])
+        self.best_val_dice = float(state["best_val_dice"])
+        if state["optimizer"] is not None:
+            self._setup_stage(state["optimizer_stage"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        restore_rng_state(state["rng"])
+
+    # ------------------------------------------------------------------ main loop
+    def run(self, resume: bool = False) -> dict:
+        self.output_folder.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self._resume()
+        else:
+            self.logger.truncate(0)
+        self.logger.write_json("training_config.json", {"trainer": type(self).__name__} | self.config.to_dict())
+        self.logger.log(
+            f"training {type(self).__name__} fold {self.fold} on {self.device}: {len(self.train_cases)} train / "
+            f"{len(self.val_cases)} val cases, epochs {self.epoch}->{self.config.total_epochs} "
+            f"({self.config.autoencoder_epochs} autoencoder + {self.config.diffusion_epochs} diffusion)"
+        )
+        try:
+            while self.epoch < self.config.total_epochs:
+                self._run_epoch()
+        finally:
+            self.shutdown()
+        self.save("checkpoint_final.pth")
+        self.logger.log(f"training finished; final checkpoint {self.output_folder / 'checkpoint_final.pth'}")
+        return self.final_validation()
+
+    def final_validation(self) -> dict:
+        """All of the fold's validation cases with the best checkpoint's EMA weights -> summary.json."""
+        if not self.val_cases:
+            self.logger.log("fold 'all' has no validation cases: no summary.json")
+            return {}
+        best = self.output_folder / "checkpoint_best.pth"
+        chosen = best if best.is_file() else self.output_folder / "checkpoint_final.pth"
+        self.ema.load_state_dict(load_checkpoint(chosen, self.device)["ema"])
+        start = time.time()
+        summary = self.validate("diffusion", final=True)
+        summary["checkpoint"] = chosen.name
+        summary["space"] = "preprocessed (target spacing); latdiff_predict exports in original geometry"
+        summary["seconds"] = round(time.time() - start, 1)
+        self.logger.write_json("validation/summary.json", summary)
+        fg = summary["foreground_mean"]
+        self.logger.log(
+            f"final validation ({len(self.val_cases)} cases, {chosen.name}): mean foreground Dice {fg['Dice']:.4f}, "
+            + ", ".join(f"class {c}: {m['Dice']:.4f}" for c, m in summary["mean"].items())
+        )
+        return summary
+
+    def _resume(self) -> None:
+        latest = self.output_folder / "checkpoint_latest.pth"
+        if not latest.is_file():
+            self.logger.log(f"--c given but no checkpoint in {self.output_folder}: starting from scratch")
+            return
+        self.load(latest)
+        self.logger.truncate(self.epoch)
+        self.logger.log(f"resuming from {latest} at epoch {self.epoch} (best validation Dice so far {self.best_val_dice:.4f})")
+
+    def _run_epoch(self) -> None:
+        stage = self.config.stage_of(self.epoch)
+        if stage == "diffusion" and self.optimizer_stage != "diffusion":
+            self.logger.log("stage 2: autoencoder frozen; calibrating latent scale")
+            self.logger.write_json("autoencoder_reconstruction.json", self.validate("autoencoder", final=True))
+            scale = self.calibrate_latent_scale()
+            self.logger.log(f"latent scale = {scale:.4f}")
+        self._setup_stage(stage)
+        lr = self.learning_rate(self.epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        start = time.time()
+        sums: dict[str, float] = {}
+        bar = tqdm(range(self.config.iterations_per_epoch), desc=f"epoch {self.epoch} ({stage})", leave=False, dynamic_ncols=True)
+        for _ in bar:
+            parts = self.train_step(next(self.batch_stream()), stage)
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v
+            bar.set_postfix(loss=f"{parts['loss']:.4f}")
+        bar.close()
+        n = self.config.iterations_per_epoch
+        metrics = {"epoch": self.epoch, "stage": stage, "lr": lr, "train_loss": sums["loss"] / n}
+        metrics |= {k: v / n for k, v in sums.items() if k != "loss"}
+        last_epoch_of_stage = self.epoch + 1 in (self.config.autoencoder_epochs, self.config.total_epochs)
+        if self.val_cases and ((self.epoch + 1) % self.config.validation_every == 0 or last_epoch_of_stage):
+            summary = self.validate(stage)
+            dice = summary["foreground_mean"]["Dice"]
+            metrics["val_reconstruction_dice" if stage == "autoencoder" else "val_dice"] = dice
+            if stage == "diffusion" and dice > self.best_val_dice:
+                self.best_val_dice = dice
+                metrics["new_best"] = True
+        metrics["epoch_time"] = time.time() - start
+        self.epoch += 1
+        if metrics.get("new_best"):
+            self.save("checkpoint_best.pth")
+        if self.epoch % self.config.checkpoint_every == 0 or self.epoch == self.config.total_epochs or last_epoch_of_stage:
+            self.save("checkpoint_latest.pth")
+        self.logger.record_epoch(metrics)
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and k not in ("lr",))
+        self.logger.log(f"epoch {metrics['epoch']} [{stage}] lr {lr:.2e}: {shown}")
+

@@ -1,0 +1,58 @@
+"""Trainers selectable by name (``-tr NAME``). A variant is a few lines: a subclass that
+overrides training options or diffusion choices. Register it with :func:`register`."""
+
+from __future__ import annotations
+
+from latdiffunet.errors import UserInputError
+from latdiffunet.training.trainer import LatentDiffusionTrainer
+
+TRAINERS: dict[str, type[LatentDiffusionTrainer]] = {}
+
+
+def register(cls: type[LatentDiffusionTrainer]) -> type[LatentDiffusionTrainer]:
+    TRAINERS[cls.__name__] = cls
+    return cls
+
+
+def get_trainer_class(name: str) -> type[LatentDiffusionTrainer]:
+    if name not in TRAINERS:
+        raise UserInputError(f"unknown trainer {name!r}", fix=f"choose one of: {', '.join(sorted(TRAINERS))}")
+    return TRAINERS[name]
+
+
+register(LatentDiffusionTrainer)
+
+
+@register
+class LatentDiffusionTrainer_5epochs(LatentDiffusionTrainer):
+    """Smoke-test length: 2 autoencoder + 3 diffusion epochs."""
+
+    config_overrides = {"autoencoder_epochs": 2, "diffusion_epochs": 3}
+
+
+@register
+class LatentDiffusionTrainer_vpred(LatentDiffusionTrainer):
+    """v-prediction instead of the plans' parameterisation."""
+
+    diffusion_overrides = {"parameterization": "v"}
+
+
+@register
+class LatentDiffusionTrainer_epspred(LatentDiffusionTrainer):
+    """eps-prediction, for the comparison the analysis paper made (expected to be worse)."""
+
+    diffusion_overrides = {"parameterization": "eps"}
+
+
+@register
+class LatentDiffusionTrainer_joint(LatentDiffusionTrainer):
+    """Stage 2 also fine-tunes the autoencoder's decoder."""
+
+    config_overrides = {"joint_finetune": True}
+
+
+@register
+class LatentDiffusionTrainer_noDecodedLoss(LatentDiffusionTrainer):
+    """Ablation: latent loss only, no supervision of the decoded segmentation."""
+
+    config_overrides = {"decoded_supervision_weight": 0.0}

@@ -1,0 +1,123 @@
+"""Training on small synthetic data: overfitting, the CLI smoke run, resume, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from synthetic import make_synthetic_dataset
+
+from latdiffunet.experiment_planning.cli import main as plan_main
+from latdiffunet.training.checkpoint import load_checkpoint
+from latdiffunet.training.cli import main as train_main, split_epochs
+from latdiffunet.training.config import TrainerConfig
+from latdiffunet.training.variants import get_trainer_class
+from latdiffunet.errors import UserInputError
+
+
+@pytest.fixture(scope="module")
+def planned_2d(tmp_path_factory):
+    """A 2D synthetic dataset, planned and preprocessed with the tiny preset."""
+    root = tmp_path_factory.mktemp("train2d")
+    env = {k: root / k for k in ("raw", "pre", "res")}
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LATDIFF_RAW", str(env["raw"]))
+    mp.setenv("LATDIFF_PREPROCESSED", str(env["pre"]))
+    mp.setenv("LATDIFF_RESULTS", str(env["res"]))
+    make_synthetic_dataset(env["raw"], name="Dataset901_Disc2D", num_cases=10, dim=2, seed=3)
+    assert plan_main(["-d", "901", "--preset", "tiny", "-np", "1"]) == 0
+    yield env
+    mp.undo()
+
+
+def _trainer(env, config: TrainerConfig, folder_name: str, splits=None):
+    from latdiffunet.training.trainer import LatentDiffusionTrainer
+
+    pre = env["pre"] / "Dataset901_Disc2D"
+    plans = json.loads((pre / "latdiffPlans_tiny.json").read_text())
+    if splits is None:
+        splits = json.loads((pre / "splits_final.json").read_text())
+    return LatentDiffusionTrainer(plans, "2d", 0, pre, env["res"] / folder_name, torch.device("cpu"), config, splits)
+
+
+def test_tiny_model_overfits_synthetic_cases(planned_2d):
+    """Validation = training cases: the whole model must be able to fit them (Dice > 0.9)."""
+    cases = sorted(p.stem for p in (planned_2d["pre"] / "Dataset901_Disc2D" / "latdiffPlans_tiny_2d").glob("*.npz"))[:4]
+    config = TrainerConfig(
+        autoencoder_epochs=3, diffusion_epochs=6, iterations_per_epoch=25, validation_every=100,
+        learning_rate=2e-3, batch_size=8, num_workers=0, augment=False, validation_samples=3, ema_decay=0.99,
+    )
+    trainer = _trainer(planned_2d, config, "overfit", splits=[{"train": cases, "val": cases}])
+    summary = trainer.run()
+    recon = json.loads((trainer.output_folder / "autoencoder_reconstruction.json").read_text())
+    assert recon["foreground_mean"]["Dice"] > 0.9
+    assert summary["foreground_mean"]["Dice"] > 0.9, summary["mean"]
+
+
+def test_cli_smoke_and_resume(planned_2d):
+    common = ["901", "0", "-c", "2d", "-p", "latdiffPlans_tiny", "--iters-per-epoch", "3", "--device", "cpu", "--num-workers", "0"]
+    assert train_main(common + ["--epochs", "2"]) == 0
+    fold = planned_2d["res"] / "Dataset901_Disc2D" / "LatentDiffusionTrainer__latdiffPlans_tiny__2d" / "fold_0"
+    for name in ("progress.png", "checkpoint_final.pth", "checkpoint_latest.pth", "metrics.json", "training_log.txt", "validation/summary.json"):
+        assert (fold / name).is_file(), name
+    first = load_checkpoint(fold / "checkpoint_latest.pth")
+    assert first["epoch"] == 2
+    assert train_main(common + ["--epochs", "3", "--c"]) == 0
+    resumed = load_checkpoint(fold / "checkpoint_latest.pth")
+    assert resumed["epoch"] == 3 and resumed["autoencoder_epochs"] == first["autoencoder_epochs"]
+    history = json.loads((fold / "metrics.json").read_text())
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+    assert "resuming from" in (fold / "training_log.txt").read_text()
+    # the autoencoder was frozen in stage 2: its weights are unchanged by the resumed epoch
+    for k, v in first["model"].items():
+        if k.startswith("autoencoder."):
+            assert torch.equal(v, resumed["model"][k]), k
+
+
+def test_resume_restores_exact_state(planned_2d):
+    config = TrainerConfig(autoencoder_epochs=1, diffusion_epochs=1, iterations_per_epoch=2, num_workers=0, batch_size=4, validation_cases=1)
+    a = _trainer(planned_2d, config, "exact")
+    a.run()
+    b = _trainer(planned_2d, config, "exact")
+    b.load(a.output_folder / "checkpoint_latest.pth")
+    assert b.epoch == a.epoch == 2 and b.optimizer_stage == "diffusion"
+    for (ka, va), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+    assert float(b.model.latent_scale) != 1.0  # calibrated latent scale travels with the checkpoint
+    assert b.optimizer.state_dict()["state"].keys() == a.optimizer.state_dict()["state"].keys()
+
+
+def test_checkpoints_load_weights_only_and_corrupt_is_user_error(planned_2d, tmp_path):
+    fold = planned_2d["res"] / "Dataset901_Disc2D" / "LatentDiffusionTrainer__latdiffPlans_tiny__2d" / "fold_0"
+    if not (fold / "checkpoint_final.pth").is_file():
+        pytest.skip("needs the smoke run")
+    torch.load(fold / "checkpoint_final.pth", weights_only=True)
+    bad = tmp_path / "bad.pth"
+    shutil.copy(fold / "checkpoint_final.pth", bad)
+    bad.write_bytes(bad.read_bytes()[:1000])
+    with pytest.raises(UserInputError, match="bad.pth"):
+        load_checkpoint(bad)
+
+
+def test_epoch_split_and_trainer_registry():
+    assert split_epochs(2, 10, 30) == (1, 1)
+    assert split_epochs(40, 10, 30) == (10, 30)
+    assert split_epochs(3, 10, 30) == (1, 2)
+    assert get_trainer_class("LatentDiffusionTrainer_vpred").diffusion_overrides == {"parameterization": "v"}
+    with pytest.raises(UserInputError, match="unknown trainer"):
+        get_trainer_class("Nope")
+    cfg = TrainerConfig.from_plans({"training": {"diffusion_epochs": 7}, "loss": {"dice_weight": 0.5}}, autoencoder_epochs=2)
+    assert (cfg.autoencoder_epochs, cfg.diffusion_epochs, cfg.dice_weight, cfg.total_epochs) == (2, 7, 0.5, 9)
+    assert cfg.stage_of(1) == "autoencoder" and cfg.stage_of(2) == "diffusion"
+
+
+def test_bad_fold_and_missing_plans_are_user_errors(planned_2d, capsys):
+    assert train_main(["901", "7", "-p", "latdiffPlans_tiny", "--device", "cpu"]) == 2
+    assert "fold 7 does not exist" in capsys.readouterr().err
+    assert train_main(["901", "0", "-p", "latdiffPlans_nope", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "latdiffPlans_nope.json" in err and "Traceback" not in err
