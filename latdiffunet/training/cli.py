@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from latdiffunet.raw_dataset import resolve_dataset_name
     from latdiffunet.training.config import TrainerConfig
     from latdiffunet.training.variants import get_trainer_class
-    from latdiffunet.utilities.file_io import load_json, write_json
+    from latdiffunet.utilities.file_io import load_json
 
     name = resolve_dataset_name(args.dataset, paths.preprocessed_root(), paths.raw_root())
     pre = paths.preprocessed_root() / name
@@ -87,10 +87,10 @@ def main(argv: list[str] | None = None) -> int:
             # stage 1 is over: keep its length so epochs stay numbered consistently
             diff_total = config.total_epochs - int(saved["autoencoder_epochs"])
             config = config.with_overrides(autoencoder_epochs=int(saved["autoencoder_epochs"]), diffusion_epochs=max(diff_total, 0))
-    write_json(plans, run_folder / "plans.json")
-    write_json(load_json(pre / "dataset.json", "dataset.json"), run_folder / "dataset.json")
-    trainer = trainer_class(plans, configuration, fold, pre, output, device, config, splits)
+    raw = paths.raw_root() / name
+    trainer = trainer_class(plans, configuration, fold, pre, output, device, config, splits, raw if raw.is_dir() else None)
     if args.val_only:
+        trainer._write_run_files()
         summary = trainer.final_validation()
     else:
         summary = trainer.run(resume=args.resume)

@@ -47,6 +47,7 @@ class LatentDiffusionTrainer:
         device: torch.device,
         config: TrainerConfig,
         splits: list[dict],
+        raw_dataset_folder: Path | None = None,
     ):
         self.plans = plans
         self.configuration_name = configuration_name
@@ -55,6 +56,8 @@ class LatentDiffusionTrainer:
         self.fold = fold
         self.data_folder = preprocessed_dataset_folder / self.configuration["data_identifier"]
         self.output_folder = output_folder
+        self.preprocessed_dataset_folder = preprocessed_dataset_folder
+        self.raw_dataset_folder = raw_dataset_folder
         self.device = device
         self.config = config
         self.train_cases, self.val_cases = self._fold_cases(splits)
@@ -265,6 +268,7 @@ class LatentDiffusionTrainer:
         else:
             self.logger.truncate(0)
         self.logger.write_json("training_config.json", {"trainer": type(self).__name__} | self.config.to_dict())
+        self._write_run_files()
         self.logger.log(
             f"training {type(self).__name__} fold {self.fold} on {self.device}: {len(self.train_cases)} train / "
             f"{len(self.val_cases)} val cases, epochs {self.epoch}->{self.config.total_epochs} "
@@ -280,17 +284,26 @@ class LatentDiffusionTrainer:
         return self.final_validation()
 
     def final_validation(self) -> dict:
-        """All of the fold's validation cases with the best checkpoint's EMA weights -> summary.json."""
+        """All of the fold's validation cases with the best checkpoint (EMA weights).
+
+        Prediction and evaluation are exactly what users run (``latdiff_predict`` /
+        ``latdiff_evaluate``): raw images in, segmentations in the original geometry out, compared
+        with the raw labels. Without the raw folder it falls back to preprocessed space, and says so.
+        """
         if not self.val_cases:
             self.logger.log("fold 'all' has no validation cases: no summary.json")
             return {}
         best = self.output_folder / "checkpoint_best.pth"
         chosen = best if best.is_file() else self.output_folder / "checkpoint_final.pth"
-        self.ema.load_state_dict(load_checkpoint(chosen, self.device)["ema"])
         start = time.time()
-        summary = self.validate("diffusion", final=True)
+        raw = self.raw_dataset_folder
+        if raw is not None and (raw / "imagesTr").is_dir() and (raw / "labelsTr").is_dir():
+            summary = self._validate_in_original_geometry(chosen, raw)
+        else:
+            self.ema.load_state_dict(load_checkpoint(chosen, self.device)["ema"])
+            summary = self.validate("diffusion", final=True)
+            summary["space"] = "preprocessed (raw dataset not found, so no export to the original geometry)"
         summary["checkpoint"] = chosen.name
-        summary["space"] = "preprocessed (target spacing); latdiff_predict exports in original geometry"
         summary["seconds"] = round(time.time() - start, 1)
         self.logger.write_json("validation/summary.json", summary)
         fg = summary["foreground_mean"]
@@ -299,6 +312,37 @@ class LatentDiffusionTrainer:
             + ", ".join(f"class {c}: {m['Dice']:.4f}" for c, m in summary["mean"].items())
         )
         return summary
+
+    def _validate_in_original_geometry(self, checkpoint: Path, raw: Path) -> dict:
+        from latdiffunet.evaluation.evaluate_folder import evaluate_folder
+        from latdiffunet.inference.predict_folder import predict_folder
+        from latdiffunet.inference.predictor import LatentDiffusionPredictor, PredictionSettings
+
+        predictor = LatentDiffusionPredictor(self.output_folder.parent, [str(self.fold)], self.device, checkpoint.name)
+        inference = self.configuration["inference"]
+        settings = PredictionSettings(
+            num_samples=self.config.validation_samples or inference["num_samples"], steps=inference["sampling_steps"],
+            seed=self.config.seed, save_probabilities=True,
+        )
+        out = self.output_folder / "validation"
+        predict_folder(raw / "imagesTr", out, predictor, settings, overwrite=True, num_processes=min(2, self.config.num_workers),
+                       case_ids=self.val_cases)
+        dataset_json = predictor.dataset_json
+        labels = [v for k, v in dataset_json["labels"].items() if k not in ("background", "ignore")]
+        summary = evaluate_folder(
+            raw / "labelsTr", out, labels, ignore_label=dataset_json["labels"].get("ignore"),
+            num_processes=min(2, max(self.config.num_workers, 1)), case_ids=self.val_cases, progress=False,
+        )
+        summary["space"] = "original geometry (latdiff_predict + latdiff_evaluate)"
+        return summary
+
+    def _write_run_files(self) -> None:
+        """plans.json + dataset.json beside the folds: prediction needs nothing else."""
+        from latdiffunet.utilities.file_io import load_json, write_json
+
+        run = self.output_folder.parent
+        write_json(self.plans, run / "plans.json")
+        write_json(load_json(self.preprocessed_dataset_folder / "dataset.json", "dataset.json"), run / "dataset.json")
 
     def _resume(self) -> None:
         latest = self.output_folder / "checkpoint_latest.pth"

@@ -1,0 +1,149 @@
+"""Predict a whole folder: sharding, skipping finished cases, I/O in worker processes.
+
+A case is finished when its segmentation file exists: it is written last, atomically, after the
+uncertainty maps, so a killed run is simply restarted and redoes only unfinished cases. Shards
+(``num_parts``/``part_id``) take disjoint cases, so several processes or machines can write into
+one output folder without clobbering each other.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from concurrent.futures import Future, ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from latdiffunet.errors import UserInputError
+from latdiffunet.imageio.sitk_io import ImageGeometry, read_images_as_channels, write_image, write_segmentation
+from latdiffunet.inference.export import labels_to_original, map_to_original, probabilities_to_original
+from latdiffunet.inference.predictor import LatentDiffusionPredictor, PredictionSettings
+from latdiffunet.inference.uncertainty import uncertainty_maps
+from latdiffunet.raw_dataset import find_cases
+from latdiffunet.utilities.file_io import save_npz, write_json
+
+UNCERTAINTY_MAPS = ("entropy", "mutual_information", "agreement")
+
+
+def list_input_cases(folder: Path, dataset_json: dict) -> dict[str, list[Path]]:
+    if not folder.is_dir():
+        raise UserInputError("input folder not found", path=folder)
+    ending = dataset_json["file_ending"]
+    names = [dataset_json["channel_names"][k].strip().lower() for k in sorted(dataset_json["channel_names"], key=int)]
+    rgb = ending in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff") and names in (["r", "g", "b"], ["red", "green", "blue"])
+    files_per_case = 1 if rgb else len(names)
+    cases, problems = find_cases(folder, ending, files_per_case)
+    if problems:
+        raise UserInputError(
+            "input folder does not match the trained model's dataset.json:\n" + "\n".join(f"  - {p}" for p in problems[:20]),
+            path=folder,
+            fix=f"name inputs CASE_0000{ending}" + (f" ... CASE_{files_per_case - 1:04d}{ending}" if files_per_case > 1 else ""),
+        )
+    if not cases:
+        raise UserInputError(f"no input images (*_0000{ending}) found", path=folder)
+    return cases
+
+
+def _read_and_preprocess(args: tuple) -> tuple:
+    paths, num_channels, plans, configuration_name = args
+    from latdiffunet.preprocessing.preprocessor import preprocess_case
+
+    data, geometry = read_images_as_channels(paths)
+    if data.shape[0] != num_channels:
+        raise UserInputError(
+            f"case has {data.shape[0]} channel(s) but the model was trained on {num_channels}",
+            path=paths[0], fix="give the same channels (modalities) the training data had, named CASE_XXXX",
+        )
+    if not np.all(np.isfinite(data)):
+        raise UserInputError("image contains NaN or inf values", path=paths[0])
+    pre, _, props = preprocess_case(data, None, geometry, plans, configuration_name)
+    thumbnail = data[:, data.shape[1] // 2] if geometry.dimension == 2 else None
+    return pre, props, thumbnail
+
+
+def _export(args: tuple) -> str:
+    maps, props, label_values, out_base, ending, save_samples, save_probabilities, thumbnail = args
+    geometry = ImageGeometry.from_dict(props["geometry"])
+    probs = probabilities_to_original(maps["probabilities"], props)
+    seg = np.asarray(label_values)[probs.argmax(0)]
+    for name in UNCERTAINTY_MAPS:
+        fill = 1.0 if name == "agreement" else 0.0
+        write_image(map_to_original(maps[name], props, fill), geometry, f"{out_base}_{name}.nii.gz")
+    if save_probabilities:
+        save_npz(f"{out_base}_probabilities.npz", probabilities=probs.astype(np.float16))
+    if save_samples:
+        for i, sample in enumerate(maps["sample_labels"]):
+            sample_seg = np.asarray(label_values)[labels_to_original(sample, props, list(range(len(label_values))))]
+            write_segmentation(sample_seg, geometry, Path(f"{out_base}_samples") / f"sample_{i:02d}{ending}")
+    if thumbnail is not None:
+        from latdiffunet.inference.overlay import write_overlay
+
+        write_overlay(thumbnail, seg[0], map_to_original(maps["entropy"], props)[0], Path(f"{out_base}_overlay.png"))
+    write_segmentation(seg, geometry, f"{out_base}{ending}")  # last: marks the case as finished
+    return str(out_base)
+
+
+def predict_folder(
+    input_folder: Path,
+    output_folder: Path,
+    predictor: LatentDiffusionPredictor,
+    settings: PredictionSettings,
+    num_parts: int = 1,
+    part_id: int = 0,
+    overwrite: bool = False,
+    num_processes: int = 2,
+    case_ids: list[str] | None = None,
+) -> list[str]:
+    """Predict every (unfinished) case of this shard (or only ``case_ids``); returns those predicted."""
+    if not 0 <= part_id < num_parts:
+        raise UserInputError(f"--part_id must be in 0..{num_parts - 1}, got {part_id}")
+    cases = list_input_cases(input_folder, predictor.dataset_json)
+    if case_ids is not None:
+        missing = sorted(set(case_ids) - set(cases))
+        if missing:
+            raise UserInputError(f"case(s) {missing[:5]} not found among the inputs", path=input_folder)
+        cases = {c: cases[c] for c in case_ids}
+    ending = predictor.dataset_json["file_ending"]
+    shard = sorted(cases)[part_id::num_parts]
+    todo = [c for c in shard if overwrite or not (output_folder / f"{c}{ending}").is_file()]
+    output_folder.mkdir(parents=True, exist_ok=True)
+    write_json(
+        {"run_folder": str(predictor.run_folder), "checkpoints": predictor.checkpoints, "configuration": predictor.configuration_name,
+         "num_samples_per_fold": settings.num_samples, "sampling_steps": settings.steps, "seed": settings.seed,
+         "uncertainty_maps": list(UNCERTAINTY_MAPS)},
+        output_folder / "prediction_info.json",
+    )
+    if len(todo) < len(shard):
+        print(f"{len(shard) - len(todo)} case(s) already predicted in {output_folder} (--overwrite redoes them)")
+    num_channels = len(predictor.dataset_json["channel_names"])
+    jobs = {c: (cases[c], num_channels, predictor.plans, predictor.configuration_name) for c in todo}
+    pool = ProcessPoolExecutor(num_processes, mp_context=multiprocessing.get_context("fork")) if num_processes > 0 else None
+
+    def submit(fn, arg) -> Future:
+        if pool is not None:
+            return pool.submit(fn, arg)
+        f: Future = Future()
+        f.set_result(fn(arg))
+        return f
+
+    try:
+        prefetch = {c: submit(_read_and_preprocess, jobs[c]) for c in todo[:2]}
+        exports: list[Future] = []
+        for i, case in enumerate(tqdm(todo, desc="predicting", dynamic_ncols=True)):
+            data, props, thumbnail = prefetch.pop(case).result()
+            if i + 2 < len(todo):
+                prefetch[todo[i + 2]] = submit(_read_and_preprocess, jobs[todo[i + 2]])
+            maps = uncertainty_maps(predictor.sample_probabilities(data, settings))
+            if not settings.save_samples:
+                maps.pop("sample_labels")
+            exports.append(submit(_export, (maps, props, predictor.label_values, output_folder / case, ending,
+                                            settings.save_samples, settings.save_probabilities, thumbnail)))
+            while sum(not f.done() for f in exports) > 2:  # bound memory held by pending exports
+                next(f for f in exports if not f.done()).result()
+        for f in exports:
+            f.result()
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    return todo

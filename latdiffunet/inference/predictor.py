@@ -1,0 +1,97 @@
+"""Trained folds -> segmentations + uncertainty maps in the input's geometry.
+
+:class:`LatentDiffusionPredictor` loads the EMA weights of one or more folds and predicts a
+case as a stack of samples: ``num_samples`` diffusion samples from every fold, each window's
+samples run as one batch. Mean probabilities give the label; the spread gives the uncertainty.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from latdiffunet.errors import UserInputError
+from latdiffunet.imageio.sitk_io import ImageGeometry
+from latdiffunet.inference.latent_sampling import diffusion_window_predictor
+from latdiffunet.inference.sliding_window import sliding_window_predict
+from latdiffunet.networks import build_model
+from latdiffunet.preprocessing.preprocessor import preprocess_case
+from latdiffunet.training.checkpoint import load_checkpoint
+from latdiffunet.utilities.file_io import load_json
+
+
+@dataclass(frozen=True)
+class PredictionSettings:
+    num_samples: int
+    steps: int
+    seed: int = 0
+    save_samples: bool = False
+    save_probabilities: bool = False
+    windows_per_batch: int = 8
+    amp: bool = True
+
+
+def choose_checkpoint(fold_folder: Path, name: str | None) -> Path:
+    """``best`` (chosen on the fold's validation cases) when it exists, else ``final``."""
+    if name:
+        path = fold_folder / (name if name.endswith(".pth") else f"checkpoint_{name}.pth")
+        if not path.is_file():
+            raise UserInputError("checkpoint not found", path=path, fix="train the fold or choose another --checkpoint")
+        return path
+    for candidate in ("checkpoint_best.pth", "checkpoint_final.pth"):
+        if (fold_folder / candidate).is_file():
+            return fold_folder / candidate
+    raise UserInputError(
+        "no trained checkpoint (checkpoint_best.pth / checkpoint_final.pth)", path=fold_folder,
+        fix="train this fold first with latdiff_train, or choose other folds with -f",
+    )
+
+
+class LatentDiffusionPredictor:
+    def __init__(self, run_folder: Path, folds: list[str], device: torch.device, checkpoint: str | None = None):
+        self.run_folder = run_folder
+        self.plans = load_json(run_folder / "plans.json", "plans.json of the trained model")
+        self.dataset_json = load_json(run_folder / "dataset.json", "dataset.json of the trained model")
+        self.configuration_name = run_folder.name.split("__")[-1]
+        self.configuration = self.plans["configurations"][self.configuration_name]
+        self.device = device
+        self.models: list[torch.nn.Module] = []
+        self.checkpoints: list[str] = []
+        for fold in folds:
+            path = choose_checkpoint(run_folder / f"fold_{fold}", checkpoint)
+            state = load_checkpoint(path, device)
+            model = build_model(state["network"]).to(device).eval()
+            model.load_state_dict(state["ema"])
+            self.models.append(model)
+            self.checkpoints.append(str(path))
+            self.diffusion = state["diffusion"]  # variants may differ from the plans (e.g. v-prediction)
+        self.label_values = sorted(v for k, v in self.dataset_json["labels"].items() if k != "ignore")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_values)
+
+    def preprocess(self, data: np.ndarray, geometry: ImageGeometry) -> tuple[np.ndarray, dict]:
+        pre, _, props = preprocess_case(data, None, geometry, self.plans, self.configuration_name)
+        return pre, props
+
+    @torch.no_grad()
+    def sample_probabilities(self, data: np.ndarray, settings: PredictionSettings) -> np.ndarray:
+        """``(F * S, K, *preprocessed)`` sampled class probabilities of all folds."""
+        stacks = []
+        for i, model in enumerate(self.models):
+            generator = torch.Generator(device=self.device).manual_seed(settings.seed + 1000 * i)
+            predictor = diffusion_window_predictor(
+                model, self.diffusion, settings.num_samples, settings.steps, generator,
+                amp=settings.amp and self.device.type == "cuda",
+            )
+            stacks.append(
+                sliding_window_predict(
+                    data, self.configuration["patch_size"], predictor, settings.num_samples, self.num_classes,
+                    self.device, windows_per_batch=settings.windows_per_batch,
+                )
+            )
+        return np.concatenate(stacks, axis=0)
