@@ -82,9 +82,9 @@ class DatasetSpec:
 
 def parse_dataset_json(path: Path) -> DatasetSpec:
     """Validate ``dataset.json`` and report *every* problem in one error."""
-    data = load_json(path, what="dataset.json")
-    problems: list[str] = []
     fix = "see the README section 'Dataset format' for a valid dataset.json"
+    data = load_json(path, what="dataset.json", fix=fix)
+    problems: list[str] = []
     if not isinstance(data, dict):
         raise UserInputError("dataset.json must hold a JSON object", path=path, fix=fix)
     for key in ("channel_names", "labels", "numTraining", "file_ending"):
@@ -143,7 +143,7 @@ def parse_dataset_json(path: Path) -> DatasetSpec:
         problems.append(f"'num_raters' must be a positive integer, got {num_raters!r}")
         num_raters = 1
     rater_folder = data.get("rater_labels_folder")
-    if rater_folder is not None and (not isinstance(rater_folder, str) or not _is_plain_name(rater_folder)):
+    if rater_folder is not None and (not is_plain_name(rater_folder)):
         problems.append(f"'rater_labels_folder' must be a plain folder name inside the dataset, got {rater_folder!r}")
         rater_folder = None
     if problems:
@@ -164,15 +164,19 @@ def parse_dataset_json(path: Path) -> DatasetSpec:
     )
 
 
-def _is_plain_name(name: str) -> bool:
-    """A single path component: JSON may never point outside its dataset folder."""
-    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name
+def is_plain_name(name: object) -> bool:
+    """A single path component: names from JSON (folders, case ids, data identifiers) are joined to
+    folders and may never point outside them (no '/', '\\', '..', absolute paths)."""
+    return (
+        isinstance(name, str) and name not in ("", ".", "..")
+        and not any(c in name for c in "/\\\0") and not Path(name).is_absolute()
+    )
 
 
 def load_dataset(folder: str | Path) -> DatasetSpec:
     folder = Path(folder)
     if not folder.is_dir():
-        raise UserInputError("dataset folder not found", path=folder)
+        raise UserInputError("dataset folder not found", path=folder, fix="check the path and LATDIFF_RAW")
     return parse_dataset_json(folder / "dataset.json")
 
 
@@ -206,6 +210,16 @@ def find_cases(image_folder: Path, file_ending: str, num_files: int) -> tuple[di
             problems.append(f"{p}: name must be CASE_XXXX{file_ending} (XXXX = 4-digit channel index)")
             continue
         cases.setdefault(m["case"], {})[int(m["channel"])] = p
+    by_folded: dict[str, list[str]] = {}
+    for case_id in cases:
+        by_folded.setdefault(case_id.casefold(), []).append(case_id)
+    for same in by_folded.values():
+        if len(same) > 1:  # one file on macOS/Windows; outputs named after them would overwrite each other
+            same.sort()
+            problems.append(
+                f"{image_folder / same[1]}_0000{file_ending}: case names {same} differ only in upper/lower case; "
+                "rename one (on case-insensitive file systems they are the same file, and their outputs would overwrite each other)"
+            )
     result: dict[str, list[Path]] = {}
     for case_id, channels in sorted(cases.items()):
         expected = list(range(num_files))
@@ -279,6 +293,7 @@ def resolve_dataset_name(identifier: str | int, *roots: Path) -> str:
     if not text.isdigit():
         raise UserInputError(
             f"dataset {text!r} is neither an ID (e.g. 4) nor a name like Dataset004_Hippocampus",
+            fix="give the dataset's ID (-d 4) or its folder name (Dataset004_Hippocampus)",
         )
     prefix = f"Dataset{int(text):03d}_"
     found = set()

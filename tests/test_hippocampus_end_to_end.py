@@ -85,3 +85,27 @@ def test_reference_plans_unchanged(prepared, plans_name):
         f"the planner's output for {DATASET} changed; if intended, regenerate {reference_file} with "
         "LATDIFF_UPDATE_REFERENCE_PLANS=1"
     )
+
+
+def test_predictions_match_input_geometry_on_real_validation_cases(prepared, tmp_path):
+    """Geometry does not depend on training: untrained tiny weights, real images, fold-0 val cases."""
+    import SimpleITK as sitk
+    import torch
+
+    from latdiffunet.inference.predict_folder import predict_folder
+    from latdiffunet.inference.predictor import LatentDiffusionPredictor, PredictionSettings
+    from test_predict import make_untrained_run
+
+    pre, res, raw = prepared["LATDIFF_PREPROCESSED"], prepared["LATDIFF_RESULTS"], prepared["LATDIFF_RAW"]
+    run = make_untrained_run(res, pre, DATASET, "3d")
+    val = json.loads((pre / DATASET / "splits_final.json").read_text())[0]["val"][:4]
+    predictor = LatentDiffusionPredictor(run, ["0"], torch.device("cpu"))
+    out = tmp_path / "pred"
+    predict_folder(raw / DATASET / "imagesTr", out, predictor, PredictionSettings(num_samples=2, steps=1), num_processes=0, case_ids=val)
+    for case in val:
+        src = sitk.ReadImage(str(raw / DATASET / "imagesTr" / f"{case}_0000.nii.gz"))
+        for name in (f"{case}.nii.gz", f"{case}_entropy.nii.gz"):
+            img = sitk.ReadImage(str(out / name))
+            assert img.GetSize() == src.GetSize()
+            assert img.GetSpacing() == src.GetSpacing() and img.GetOrigin() == src.GetOrigin()
+            assert img.GetDirection() == src.GetDirection()

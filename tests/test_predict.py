@@ -18,7 +18,6 @@ import torch
 
 from synthetic import make_synthetic_dataset, oblique_direction
 
-from latdiffunet.errors import UserInputError
 from latdiffunet.experiment_planning.cli import main as plan_main
 from latdiffunet.inference.cli import main as predict_main
 from latdiffunet.inference.predict_folder import predict_folder

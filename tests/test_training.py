@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
 
@@ -121,3 +120,17 @@ def test_bad_fold_and_missing_plans_are_user_errors(planned_2d, capsys):
     assert train_main(["901", "0", "-p", "latdiffPlans_nope", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "latdiffPlans_nope.json" in err and "Traceback" not in err
+
+
+def test_time_budget_rescales_epochs(planned_2d):
+    """A generous epoch plan is cut down to what fits a tiny budget, and the run stays short."""
+    import time
+
+    config = TrainerConfig(autoencoder_epochs=50, diffusion_epochs=200, iterations_per_epoch=2, num_workers=0, batch_size=4,
+                           validation_cases=1, validation_every=1000, time_budget_minutes=0.25)
+    trainer = _trainer(planned_2d, config, "budget")
+    start = time.time()
+    trainer.run()
+    assert trainer.config.autoencoder_epochs < 50 and trainer.config.diffusion_epochs < 200
+    assert trainer.epoch == trainer.config.total_epochs >= 2
+    assert time.time() - start < 60

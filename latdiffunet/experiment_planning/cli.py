@@ -30,11 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     set_cpu_friendly_threading()
     from latdiffunet import paths
-    from latdiffunet.experiment_planning.fingerprint import extract_fingerprint
+    from latdiffunet.errors import UserInputError
+    from latdiffunet.experiment_planning.fingerprint import FINGERPRINT_VERSION, extract_fingerprint
     from latdiffunet.experiment_planning.integrity import verify_dataset_integrity
     from latdiffunet.experiment_planning.planner import load_preset, plan_experiment
     from latdiffunet.preprocessing.preprocessor import preprocess_dataset
-    from latdiffunet.preprocessing.splits import ensure_splits
+    from latdiffunet.preprocessing.splits import ensure_splits, validate_splits
     from latdiffunet.raw_dataset import list_training_cases, load_dataset, resolve_dataset_name
     from latdiffunet.utilities.file_io import load_json, write_json
 
@@ -51,7 +52,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: integrity check passed ({len(cases)} cases)")
         fingerprint_file = out / "dataset_fingerprint.json"
         if fingerprint_file.is_file() and not args.clean:
-            fingerprint = load_json(fingerprint_file, "dataset fingerprint")
+            fingerprint = load_json(fingerprint_file, "dataset fingerprint", fix="rerun with --clean to recompute it")
+            if not isinstance(fingerprint, dict) or fingerprint.get("fingerprint_version") != FINGERPRINT_VERSION:
+                raise UserInputError(
+                    f"not a dataset fingerprint of version {FINGERPRINT_VERSION} (edited, or written by another version)",
+                    path=fingerprint_file, fix="rerun with --clean to recompute it",
+                )
             print(f"{name}: reusing {fingerprint_file} (--clean recomputes it)")
         else:
             fingerprint = extract_fingerprint(spec, args.num_processes)
@@ -75,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
             from latdiffunet.errors import DatasetIntegrityError
 
             raise DatasetIntegrityError(problems, spec.folder)
+        existing = next((f for f in (out / "splits_final.json", spec.folder / "splits_final.json") if f.is_file()), None)
+        if existing is not None:  # checked before the long preprocessing, reused or adopted after it
+            validate_splits(load_json(existing, "splits_final.json"), [c.case_id for c in cases], existing)
         preprocess_dataset(spec, cases, plans, list(plans["configurations"]), out, args.num_processes)
         splits, how = ensure_splits(out, spec.folder, [c.case_id for c in cases])
         print(f"splits_final.json: {how}; fold sizes (train/val): {[(len(s['train']), len(s['val'])) for s in splits]}")

@@ -8,14 +8,15 @@ two latent voxels cannot be reconstructed from the latent.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
 from latdiffunet.errors import UserInputError
-from latdiffunet.imageio.sitk_io import read_images_as_channels, read_label
 from latdiffunet.preprocessing.cropping import crop_to_nonzero
+from latdiffunet.preprocessing.preprocessor import read_training_case
 from latdiffunet.raw_dataset import CaseFiles, DatasetSpec, list_training_cases
 from latdiffunet.utilities.parallel import map_with_progress
 
@@ -31,11 +32,21 @@ def _object_extents(seg: np.ndarray, label: int) -> list[list[int]]:
     return [[s.stop - s.start for s in box] for box in ndimage.find_objects(components)]
 
 
-def case_fingerprint(args: tuple[CaseFiles, list[int], int]) -> dict:
-    """Statistics of one case; intensities are a random sample of foreground voxels (seeded)."""
-    case, class_labels, seed = args
-    data, geometry = read_images_as_channels(case.images)
-    seg, _ = read_label(case.label)
+def case_fingerprint(args: tuple[CaseFiles, list[int], int, list[int], int]) -> dict:
+    """Statistics of one case; intensities are a random sample of foreground voxels (seeded).
+
+    The case is checked on the way (:func:`read_training_case`): NaN/inf, label grid, undeclared
+    label values, channel count. A constant image is allowed (a blank scan may be real, and the
+    normalisation copes) but reported as a warning, because it is more often an export error.
+    """
+    case, class_labels, seed, declared_labels, num_channels = args
+    data, segs, geometry = read_training_case(case, declared_labels, num_channels)
+    seg = segs[0]
+    warnings = [
+        f"{case.images[min(c, len(case.images) - 1)]}: image is constant (every voxel {float(channel.flat[0]):g}); "
+        "it is used, but check the export if this is not intended"
+        for c, channel in enumerate(data) if channel.size and channel.min() == channel.max()
+    ]
     shape_before = data.shape[1:]
     data, seg, _, _ = crop_to_nonzero(data, seg[None])
     seg = seg[0]
@@ -56,6 +67,7 @@ def case_fingerprint(args: tuple[CaseFiles, list[int], int]) -> dict:
         "object_extents": {str(c): _object_extents(seg, c) for c in class_labels if c != 0},
         "_intensities": intensities,
         "_channel_minmax": [[float(c.min()), float(c.max())] for c in data],
+        "_warnings": warnings,
     }
 
 
@@ -106,9 +118,14 @@ def extract_fingerprint(spec: DatasetSpec, num_processes: int = 2, seed: int = 1
             fix="run with --verify_dataset_integrity for a full report, fix the files, run again",
         )
     labels = spec.class_labels
+    declared = sorted(spec.labels.values())
     per_case = map_with_progress(
-        case_fingerprint, [(c, labels, seed + i) for i, c in enumerate(cases)], num_processes, desc="fingerprint"
+        case_fingerprint, [(c, labels, seed + i, declared, spec.num_channels) for i, c in enumerate(cases)],
+        num_processes, desc="fingerprint",
     )
+    for pc in per_case:
+        for warning in pc["_warnings"]:
+            print(f"warning: {warning}", file=sys.stderr)
     num_channels = len(per_case[0]["_intensities"])
     intensity_properties = {}
     for ch in range(num_channels):

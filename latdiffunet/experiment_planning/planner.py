@@ -20,6 +20,7 @@ from latdiffunet import __version__
 from latdiffunet.errors import UserInputError
 from latdiffunet.preprocessing.normalization import scheme_for_channel
 from latdiffunet.preprocessing.resampling import ANISOTROPY_THRESHOLD
+from latdiffunet.raw_dataset import is_plain_name
 from latdiffunet.utilities.file_io import load_json
 
 PRESETS = ("default", "tiny")
@@ -35,7 +36,44 @@ def load_preset(name_or_path: str) -> dict:
         raise UserInputError(
             f"unknown preset {name_or_path!r}", fix=f"use one of {', '.join(PRESETS)} or the path of a preset JSON file"
         )
-    return load_json(path, what="preset")
+    preset = load_json(path, what="preset")
+    if not isinstance(preset, dict) or not is_plain_name(preset.get("plans_name")):
+        raise UserInputError(
+            "a preset must be a JSON object whose 'plans_name' is a plain file name (it names the plans file)",
+            path=path, fix="start from latdiffunet/experiment_planning/presets/tiny.json",
+        )
+    return preset
+
+
+REQUIRED_CONFIGURATION_KEYS = (
+    "data_identifier", "dimension", "spacing", "patch_size", "normalization", "resampling", "network", "diffusion", "inference",
+)
+
+
+def load_plans(path: str | Path, what: str = "plans", fix: str | None = None) -> dict:
+    """A plans file as training and prediction use it, checked so that a damaged or hand-edited file
+    gives a message naming it instead of a traceback, and so that its ``data_identifier`` (a folder
+    name joined to the preprocessed folder) cannot point elsewhere."""
+    path = Path(path)
+    fix = fix or "rerun latdiff_plan_and_preprocess to write the plans again (or restore the file)"
+    plans = load_json(path, what, fix=fix)
+    if not isinstance(plans, dict) or not isinstance(plans.get("configurations"), dict) or not plans["configurations"]:
+        raise UserInputError(f"{what} must be a JSON object with a non-empty 'configurations' object", path=path, fix=fix)
+    for key in ("plans_name", "foreground_intensity_properties_per_channel"):
+        if key not in plans:
+            raise UserInputError(f"{what} lack the key {key!r}", path=path, fix=fix)
+    for name, cfg in plans["configurations"].items():
+        if not isinstance(cfg, dict):
+            raise UserInputError(f"configuration {name!r} must be an object", path=path, fix=fix)
+        missing = [k for k in REQUIRED_CONFIGURATION_KEYS if k not in cfg]
+        if missing:
+            raise UserInputError(f"configuration {name!r} lacks {missing}", path=path, fix=fix)
+        if not is_plain_name(cfg["data_identifier"]):
+            raise UserInputError(
+                f"configuration {name!r} has data_identifier {cfg['data_identifier']!r}, which is not a plain folder name "
+                "(no '/', '\\', '..' or absolute paths)", path=path, fix=fix,
+            )
+    return plans
 
 
 def target_spacing_3d(fingerprint: dict) -> tuple[list[float], str]:

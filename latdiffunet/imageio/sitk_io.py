@@ -99,14 +99,22 @@ class ImageGeometry:
 
 def _read_sitk(path: Path) -> sitk.Image:
     if not path.exists():
-        raise UserInputError("file not found", path=path)
+        raise UserInputError(
+            "file not found" + (" (a symbolic link whose target is missing)" if path.is_symlink() else ""), path=path,
+            fix="restore the file (or the link's target), or remove the case",
+        )
     if path.is_dir():
-        raise UserInputError("expected an image file but found a folder", path=path)
+        raise UserInputError("expected an image file but found a folder", path=path, fix="move the folder out of the image folder")
     if file_ending_of(path) not in SUPPORTED_FILE_ENDINGS:
         raise UserInputError(
             f"unsupported file ending {file_ending_of(path)!r}",
             path=path,
             fix=f"convert the file to one of {', '.join(SUPPORTED_FILE_ENDINGS)}",
+        )
+    if path.stat().st_size == 0:
+        raise UserInputError(
+            "file is empty (0 bytes)", path=path,
+            fix="re-export or re-copy the file; an interrupted download or copy leaves such files",
         )
     try:
         img = sitk.ReadImage(str(path))
@@ -243,7 +251,7 @@ def read_label(path: str | Path) -> tuple[np.ndarray, ImageGeometry]:
         )
     arr = arr[0]
     if not np.all(np.isfinite(arr)):
-        raise UserInputError("label file contains NaN or inf", path=path)
+        raise UserInputError("label file contains NaN or inf", path=path, fix="labels must be integer class ids; re-export the label map")
     if not np.array_equal(arr, np.round(arr)):
         raise UserInputError(
             "label file contains non-integer values", path=path, fix="labels must be integer class ids"

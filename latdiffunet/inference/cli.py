@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     name = resolve_dataset_name(args.dataset, paths.results_root(), paths.preprocessed_root(), paths.raw_root())
     run_folder = find_run_folder(paths.results_root() / name, args.trainer, args.plans, args.configuration)
     folds = args.folds or sorted(p.name[len("fold_"):] for p in run_folder.glob("fold_*") if p.is_dir())
+    for fold in folds:  # joined to the run folder as fold_<f>: a number or 'all', nothing else
+        if not (fold.isdigit() or fold == "all"):
+            raise UserInputError(f"fold {fold!r} is not a fold number or 'all'", path=run_folder, fix="give folds like -f 0 1 2")
     if not folds:
         raise UserInputError("no fold_* folders", path=run_folder, fix="train at least one fold")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

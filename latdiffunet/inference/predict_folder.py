@@ -28,7 +28,7 @@ UNCERTAINTY_MAPS = ("entropy", "mutual_information", "agreement")
 
 def list_input_cases(folder: Path, dataset_json: dict) -> dict[str, list[Path]]:
     if not folder.is_dir():
-        raise UserInputError("input folder not found", path=folder)
+        raise UserInputError("input folder not found", path=folder, fix="give the folder holding the CASE_0000 images with -i")
     ending = dataset_json["file_ending"]
     names = [dataset_json["channel_names"][k].strip().lower() for k in sorted(dataset_json["channel_names"], key=int)]
     rgb = ending in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff") and names in (["r", "g", "b"], ["red", "green", "blue"])
@@ -41,7 +41,10 @@ def list_input_cases(folder: Path, dataset_json: dict) -> dict[str, list[Path]]:
             fix=f"name inputs CASE_0000{ending}" + (f" ... CASE_{files_per_case - 1:04d}{ending}" if files_per_case > 1 else ""),
         )
     if not cases:
-        raise UserInputError(f"no input images (*_0000{ending}) found", path=folder)
+        raise UserInputError(
+            f"no input images (*_0000{ending}) found", path=folder,
+            fix=f"put the images into this folder, named CASE_0000{ending} (the trained model's file ending)",
+        )
     return cases
 
 
@@ -56,7 +59,10 @@ def _read_and_preprocess(args: tuple) -> tuple:
             path=paths[0], fix="give the same channels (modalities) the training data had, named CASE_XXXX",
         )
     if not np.all(np.isfinite(data)):
-        raise UserInputError("image contains NaN or inf values", path=paths[0])
+        raise UserInputError(
+            "image contains NaN or inf values", path=paths[0],
+            fix="replace them (e.g. with the background value) and export the image again",
+        )
     pre, _, props = preprocess_case(data, None, geometry, plans, configuration_name)
     thumbnail = data[:, data.shape[1] // 2] if geometry.dimension == 2 else None
     return pre, props, thumbnail
@@ -97,7 +103,7 @@ def predict_folder(
 ) -> list[str]:
     """Predict every (unfinished) case of this shard (or only ``case_ids``); returns those predicted."""
     if not 0 <= part_id < num_parts:
-        raise UserInputError(f"--part_id must be in 0..{num_parts - 1}, got {part_id}")
+        raise UserInputError(f"--part_id must be in 0..{num_parts - 1}, got {part_id}", fix="number the shards 0 .. --num_parts - 1")
     cases = list_input_cases(input_folder, predictor.dataset_json)
     if case_ids is not None:
         missing = sorted(set(case_ids) - set(cases))

@@ -14,11 +14,13 @@ import numpy as np
 import torch
 
 from latdiffunet.errors import UserInputError
+from latdiffunet.experiment_planning.planner import load_plans
 from latdiffunet.imageio.sitk_io import ImageGeometry
 from latdiffunet.inference.latent_sampling import diffusion_window_predictor
 from latdiffunet.inference.sliding_window import sliding_window_predict
 from latdiffunet.networks import build_model
 from latdiffunet.preprocessing.preprocessor import preprocess_case
+from latdiffunet.raw_dataset import parse_dataset_json
 from latdiffunet.training.checkpoint import load_checkpoint
 from latdiffunet.utilities.file_io import load_json
 
@@ -53,16 +55,23 @@ def choose_checkpoint(fold_folder: Path, name: str | None) -> Path:
 class LatentDiffusionPredictor:
     def __init__(self, run_folder: Path, folds: list[str], device: torch.device, checkpoint: str | None = None):
         self.run_folder = run_folder
-        self.plans = load_json(run_folder / "plans.json", "plans.json of the trained model")
-        self.dataset_json = load_json(run_folder / "dataset.json", "dataset.json of the trained model")
+        copied = "latdiff_train writes it into the run folder; copy it back from the training machine or retrain"
+        self.plans = load_plans(run_folder / "plans.json", "plans.json of the trained model", fix=copied)
+        self.dataset_json = load_json(run_folder / "dataset.json", "dataset.json of the trained model", fix=copied)
+        parse_dataset_json(run_folder / "dataset.json")  # validated: its labels and file ending drive the outputs
         self.configuration_name = run_folder.name.split("__")[-1]
+        if self.configuration_name not in self.plans["configurations"]:
+            raise UserInputError(
+                f"configuration {self.configuration_name!r} of this run is not in the plans", path=run_folder / "plans.json",
+                fix=copied,
+            )
         self.configuration = self.plans["configurations"][self.configuration_name]
         self.device = device
         self.models: list[torch.nn.Module] = []
         self.checkpoints: list[str] = []
         for fold in folds:
             path = choose_checkpoint(run_folder / f"fold_{fold}", checkpoint)
-            state = load_checkpoint(path, device)
+            state = load_checkpoint(path, device, required=("network", "diffusion", "ema"))
             model = build_model(state["network"]).to(device).eval()
             model.load_state_dict(state["ema"])
             self.models.append(model)

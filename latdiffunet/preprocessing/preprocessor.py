@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from latdiffunet.errors import UserInputError
 from latdiffunet.imageio.sitk_io import ImageGeometry, read_images_as_channels, read_label
 from latdiffunet.preprocessing.cropping import crop_to_nonzero
 from latdiffunet.preprocessing.normalization import normalize_channel
@@ -88,11 +89,53 @@ def sample_class_locations(seg: np.ndarray, classes: list[int], rng: np.random.G
     return out
 
 
-def _preprocess_training_case(args: tuple) -> dict:
-    case, spec_labels, plans, config_name, out_dir, seed = args
+def read_training_case(
+    case: CaseFiles, label_values: list[int], num_channels: int | None = None
+) -> tuple[np.ndarray, np.ndarray, ImageGeometry]:
+    """Images ``(C, Z, Y, X)`` and labels ``(1 + raters, Z, Y, X)`` of one training case.
+
+    Refuses what would otherwise train silently on wrong data (``--verify_dataset_integrity``
+    reports the same problems, all at once): NaN/inf voxels, another channel count than
+    dataset.json declares, a label on another grid than the image, undeclared label values.
+    """
     data, geometry = read_images_as_channels(case.images)
-    label_paths = [case.label] + list(case.rater_labels)
-    segs = np.stack([read_label(p)[0] for p in label_paths])
+    if num_channels is not None and data.shape[0] != num_channels:
+        raise UserInputError(
+            f"case {case.case_id} has {data.shape[0]} channel(s) but dataset.json declares {num_channels}",
+            path=case.images[0],
+            fix="give one file per channel declared in channel_names (RGB photographs: channel_names R, G, B)",
+        )
+    for c, channel in enumerate(data):
+        if not np.all(np.isfinite(channel)):
+            raise UserInputError(
+                f"{int((~np.isfinite(channel)).sum())} voxel(s) are NaN or inf",
+                path=case.images[min(c, len(case.images) - 1)],  # RGB: three channels in one file
+                fix="replace them (e.g. with the background value) and export the image again",
+            )
+    segs = []
+    for label_path in [case.label] + list(case.rater_labels):
+        seg, label_geometry = read_label(label_path)
+        diff = geometry.matches(label_geometry)
+        if diff:
+            raise UserInputError(
+                f"label geometry differs from image {Path(case.images[0]).name}: {'; '.join(diff)}",
+                path=label_path,
+                fix="the label must lie on the image's grid (same size, spacing, origin, direction); resample or re-export it",
+            )
+        unexpected = sorted(set(np.unique(seg).tolist()) - set(label_values))
+        if unexpected:
+            raise UserInputError(
+                f"label values {unexpected} are not declared in dataset.json (declared: {sorted(label_values)})",
+                path=label_path,
+                fix="declare them in dataset.json's 'labels' or correct the label map",
+            )
+        segs.append(seg)
+    return data, np.stack(segs), geometry
+
+
+def _preprocess_training_case(args: tuple) -> dict:
+    case, spec_labels, num_channels, plans, config_name, out_dir, seed = args
+    data, segs, geometry = read_training_case(case, spec_labels, num_channels)
     data, segs, props = preprocess_case(data, segs, geometry, plans, config_name, spec_labels)
     rng = np.random.default_rng(seed)
     foreground = [v for v in spec_labels if v != 0]
@@ -122,7 +165,7 @@ def preprocess_dataset(
     for name in configuration_names:
         out_dir = output_folder / plans["configurations"][name]["data_identifier"]
         out_dir.mkdir(parents=True, exist_ok=True)
-        jobs = [(c, labels, plans, name, out_dir, 1234 + i) for i, c in enumerate(cases)]
+        jobs = [(c, labels, spec.num_channels, plans, name, out_dir, 1234 + i) for i, c in enumerate(cases)]
         map_with_progress(_preprocess_training_case, jobs, num_processes, desc=f"preprocessing {name}")
         expected = {f"{c.case_id}.npz" for c in cases} | {f"{c.case_id}.json" for c in cases}
         for stale in os.listdir(out_dir):  # cases removed from the raw folder since the last run

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from latdiffunet.errors import UserInputError
+from latdiffunet.raw_dataset import is_plain_name
 from latdiffunet.utilities.file_io import load_json, write_json
 
 DEFAULT_SEED = 12345
@@ -31,22 +32,33 @@ def make_kfold_splits(case_ids: list[str], num_folds: int = 5, seed: int = DEFAU
 
 
 def validate_splits(splits: object, case_ids: list[str], path: Path) -> list[dict]:
+    """Check a ``splits_final.json``: a list of folds, each with ``train``/``val`` lists of known case names."""
     known = set(case_ids)
+    fix = "delete the file to have new folds made (latdiff_plan_and_preprocess), or correct it"
     if not isinstance(splits, list) or not splits:
-        raise UserInputError("splits must be a non-empty list of {\"train\": [...], \"val\": [...]}", path=path)
+        raise UserInputError("splits must be a non-empty list of {\"train\": [...], \"val\": [...]}", path=path, fix=fix)
     for k, fold in enumerate(splits):
-        if not isinstance(fold, dict) or set(fold) < {"train", "val"}:
-            raise UserInputError(f"fold {k} must be an object with 'train' and 'val' lists", path=path)
+        if not isinstance(fold, dict) or not {"train", "val"} <= set(fold) or not all(
+            isinstance(fold[key], list) for key in ("train", "val")
+        ):
+            raise UserInputError(f"fold {k} must be an object with 'train' and 'val' lists", path=path, fix=fix)
+        bad = [c for c in fold["train"] + fold["val"] if not is_plain_name(c)]
+        if bad:
+            raise UserInputError(
+                f"fold {k} names {bad[0]!r}, which is not a plain case name (no folders, '..' or absolute paths)",
+                path=path, fix=fix,
+            )
         unknown = sorted((set(fold["train"]) | set(fold["val"])) - known)
         if unknown:
             raise UserInputError(
-                f"fold {k} names {len(unknown)} unknown case(s), e.g. {unknown[:3]}",
+                f"fold {k} names {len(unknown)} unknown case(s) (not among the {len(known)} available cases), e.g. {unknown[:3]}",
                 path=path,
-                fix="delete the file to have new folds made, or correct the case names",
+                fix="rerun latdiff_plan_and_preprocess if the preprocessed data is incomplete; otherwise delete the file "
+                "to have new folds made, or correct the case names",
             )
         overlap = set(fold["train"]) & set(fold["val"])
         if overlap:
-            raise UserInputError(f"fold {k} has cases in both train and val: {sorted(overlap)[:3]}", path=path)
+            raise UserInputError(f"fold {k} has cases in both train and val: {sorted(overlap)[:3]}", path=path, fix=fix)
     return splits
 
 

@@ -44,14 +44,28 @@ def save_checkpoint(state: dict, target: Path) -> None:
         torch.save(state, tmp)
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", required: tuple[str, ...] = ()) -> dict:
+    """Load with ``weights_only=True``; a damaged or foreign file, or one without the ``required``
+    keys, is a :class:`UserInputError` naming it."""
     if not path.is_file():
         raise UserInputError("checkpoint not found", path=path, fix="train this fold first (latdiff_train)")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # corrupt or foreign file: say which
+        if type(exc).__name__ == "UnpicklingError":
+            why = ("it is not a latdiffunet checkpoint, or it holds objects other than tensors, numbers, strings, lists "
+                   "and dicts (refused: unpickling them could run code)")
+        else:
+            why = f"the file is damaged or truncated ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
         raise UserInputError(
-            f"cannot load checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})",
+            f"cannot load checkpoint: {why}",
             path=path,
-            fix="delete it and resume from another checkpoint (checkpoint_latest.pth) or retrain",
+            fix="delete it and use another checkpoint of this fold (checkpoint_latest / _best / _final.pth), or retrain",
         ) from None
+    if not isinstance(state, dict) or any(k not in state for k in required):
+        what = f"holds a {type(state).__name__}" if not isinstance(state, dict) else f"lacks {[k for k in required if k not in state]}"
+        raise UserInputError(
+            f"not a latdiffunet checkpoint of this kind: it {what}", path=path,
+            fix="delete it and use another checkpoint of this fold (checkpoint_latest / _best / _final.pth), or retrain",
+        )
+    return state

@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ae-epochs", type=int, default=None, help="autoencoder epochs (default: from the plans or --epochs)")
     p.add_argument("--iters-per-epoch", type=int, default=None, help="training iterations per epoch")
     p.add_argument("--batch-size", type=int, default=None, help="override the plans' batch size")
+    p.add_argument("--budget-minutes", type=float, default=None, help="wall-clock budget: epochs are rescaled to fit it (final validation included)")
     p.add_argument("--device", default=None, choices=["cuda", "cpu", "mps"], help="default: cuda if available, else cpu")
     p.add_argument("--num-workers", type=int, default=None, help="augmentation worker processes (0 = in the main process)")
     p.add_argument("--c", dest="resume", action="store_true", help="continue from checkpoint_latest.pth")
@@ -43,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from latdiffunet import paths
     from latdiffunet.errors import UserInputError
-    from latdiffunet.raw_dataset import resolve_dataset_name
+    from latdiffunet.experiment_planning.planner import load_plans
+    from latdiffunet.preprocessing.splits import validate_splits
+    from latdiffunet.raw_dataset import parse_dataset_json, resolve_dataset_name
     from latdiffunet.training.config import TrainerConfig
     from latdiffunet.training.variants import get_trainer_class
     from latdiffunet.utilities.file_io import load_json
@@ -56,15 +59,29 @@ def main(argv: list[str] | None = None) -> int:
             "plans not found", path=plans_file,
             fix=f"run latdiff_plan_and_preprocess -d {args.dataset}" + (" --preset tiny" if args.plans.endswith("_tiny") else ""),
         )
-    plans = load_json(plans_file, "plans")
+    plans = load_plans(plans_file, "plans")
     configuration = args.configuration or ("3d" if "3d" in plans["configurations"] else "2d")
     if configuration not in plans["configurations"]:
-        raise UserInputError(f"configuration {configuration!r} is not in the plans (has {sorted(plans['configurations'])})", path=plans_file)
+        raise UserInputError(
+            f"configuration {configuration!r} is not in the plans (has {sorted(plans['configurations'])})", path=plans_file,
+            fix=f"choose one of them with -c, or plan it: latdiff_plan_and_preprocess -d {args.dataset} -c {configuration}",
+        )
     fold = args.fold if args.fold == "all" else _int_fold(args.fold)
-    splits = load_json(pre / "splits_final.json", "splits_final.json")
+    rerun = f"run latdiff_plan_and_preprocess -d {args.dataset} -c {configuration}" + (" --preset tiny" if args.plans.endswith("_tiny") else "")
     data_folder = pre / plans["configurations"][configuration]["data_identifier"]
     if not data_folder.is_dir():
-        raise UserInputError("preprocessed data not found", path=data_folder, fix=f"run latdiff_plan_and_preprocess -d {args.dataset} -c {configuration}")
+        raise UserInputError("preprocessed data not found", path=data_folder, fix=rerun)
+    load_json(pre / "dataset.json", "dataset.json", fix=rerun)  # written by preprocessing; prediction needs it
+    parse_dataset_json(pre / "dataset.json")
+    splits_file = pre / "splits_final.json"
+    # a case counts when both of its files are there (preprocessing writes CASE.npz, then CASE.json)
+    preprocessed = sorted(p.stem for p in data_folder.glob("*.npz") if p.with_suffix(".json").is_file())
+    splits = validate_splits(load_json(splits_file, "splits_final.json", fix=rerun), preprocessed, splits_file)
+    if fold != "all" and fold >= len(splits):
+        raise UserInputError(
+            f"fold {fold} does not exist; this file has {len(splits)} folds", path=splits_file,
+            fix=f"choose a fold 0-{len(splits) - 1} or 'all'",
+        )
     trainer_class = get_trainer_class(args.trainer)
     config = TrainerConfig.from_plans(plans["configurations"][configuration], **trainer_class.config_overrides)
     if args.epochs is not None:
@@ -75,14 +92,15 @@ def main(argv: list[str] | None = None) -> int:
         raise UserInputError("--device cuda but no CUDA GPU is visible", fix="use --device cpu")
     workers = args.num_workers if args.num_workers is not None else (4 if device.type == "cuda" else 1)
     config = config.with_overrides(
-        autoencoder_epochs=args.ae_epochs, iterations_per_epoch=args.iters_per_epoch, batch_size=args.batch_size, num_workers=workers
+        autoencoder_epochs=args.ae_epochs, iterations_per_epoch=args.iters_per_epoch, batch_size=args.batch_size, num_workers=workers,
+        time_budget_minutes=args.budget_minutes,
     )
     run_folder = paths.results_root() / name / f"{args.trainer}__{args.plans}__{configuration}"
     output = run_folder / (f"fold_{fold}")
     if args.resume and (output / "checkpoint_latest.pth").is_file():
         from latdiffunet.training.checkpoint import load_checkpoint
 
-        saved = load_checkpoint(output / "checkpoint_latest.pth")
+        saved = load_checkpoint(output / "checkpoint_latest.pth", required=("epoch", "autoencoder_epochs", "model", "ema", "rng"))
         if args.ae_epochs is None and int(saved["autoencoder_epochs"]) != config.autoencoder_epochs and int(saved["epoch"]) >= int(saved["autoencoder_epochs"]):
             # stage 1 is over: keep its length so epochs stay numbered consistently
             diff_total = config.total_epochs - int(saved["autoencoder_epochs"])
@@ -103,7 +121,7 @@ def _int_fold(text: str) -> int:
     from latdiffunet.errors import UserInputError
 
     if not text.isdigit():
-        raise UserInputError(f"fold must be 0-4 or 'all', got {text!r}")
+        raise UserInputError(f"fold must be 0-4 or 'all', got {text!r}", fix="give the fold as a number, e.g. latdiff_train 4 0")
     return int(text)
 
 

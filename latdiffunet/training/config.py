@@ -29,11 +29,13 @@ class TrainerConfig:
     joint_finetune: bool = False  # also train the autoencoder's decoder in stage 2
     latent_loss_weight: float = 1.0
     decoded_supervision_weight: float = 1.0
+    decoded_class_weights: bool = False  # class-weighted CE on the decoded prediction (biases towards over-segmentation)
     dice_weight: float = 1.0
     kl_weight: float = 1e-6
     validation_cases: int = 10  # during training; the final validation uses all of the fold's cases
     validation_samples: int | None = None  # None: plans' inference.num_samples
     batch_size: int | None = None  # None: the plans' batch size
+    time_budget_minutes: float | None = None  # wall clock for the whole run; epochs are rescaled to fit
 
     @property
     def total_epochs(self) -> int:

@@ -56,3 +56,10 @@ class LatentDiffusionTrainer_noDecodedLoss(LatentDiffusionTrainer):
     """Ablation: latent loss only, no supervision of the decoded segmentation."""
 
     config_overrides = {"decoded_supervision_weight": 0.0}
+
+
+@register
+class LatentDiffusionTrainer_weightedDecoded(LatentDiffusionTrainer):
+    """Class-weighted cross-entropy on the decoded prediction too (the first tiny Hippocampus run)."""
+
+    config_overrides = {"decoded_class_weights": True}

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zipfile
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -68,16 +70,20 @@ def write_json(obj: Any, target: str | Path, indent: int = 2) -> None:
         tmp.write_text(text + "\n", encoding="utf-8")
 
 
-def load_json(path: str | Path, what: str = "JSON file") -> Any:
-    """Load JSON, turning a missing or malformed file into a :class:`UserInputError`."""
+def load_json(path: str | Path, what: str = "JSON file", fix: str | None = None) -> Any:
+    """Load JSON, turning a missing or malformed file into a :class:`UserInputError`.
+
+    ``fix`` says how to get the file when it is missing (e.g. which command writes it).
+    """
     path = Path(path)
     if not path.is_file():
-        raise UserInputError(f"{what} not found", path=path)
+        raise UserInputError(f"{what} not found", path=path, fix=fix or "check the path, or create the file")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserInputError(
-            f"{what} is not valid JSON ({exc})", path=path, fix="fix the syntax error at the position shown"
+            f"{what} is not valid JSON ({exc})", path=path,
+            fix="fix the syntax error at the position shown" + (f", or {fix}" if fix else ""),
         ) from None
 
 
@@ -88,5 +94,15 @@ def save_npz(target: str | Path, **arrays: np.ndarray) -> None:
 
 
 def load_npz(path: str | Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as f:
-        return {k: f[k] for k in f.files}
+    """All arrays of an ``.npz``; pickled object arrays are refused, a damaged file names itself."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+    except FileNotFoundError:
+        raise UserInputError("file not found", path=path, fix="rerun the command that writes it") from None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise UserInputError(
+            f"cannot read the arrays ({type(exc).__name__}: {str(exc)[:120]}); damaged, truncated or holding pickled objects",
+            path=path,
+            fix="delete it and rerun the command that writes it (latdiff_plan_and_preprocess for preprocessed cases)",
+        ) from None
