@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-nnunet", action="store_true", help="only run latdiffunet (e.g. nnunetv2 not installed)")
     p.add_argument("--skip-latdiffunet", action="store_true")
     p.add_argument("--nnunet-iterations-per-epoch", type=int, default=None, help="default: nnU-Net's 250")
+    p.add_argument("--reuse", action="store_true", help="reuse a method's finished run in the output folder instead of retraining it")
     return p
 
 
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     from latdiffunet.errors import UserInputError
     from latdiffunet.evaluation.evaluate_folder import evaluate_folder
     from latdiffunet.raw_dataset import load_dataset, resolve_dataset_name
-    from latdiffunet.utilities.file_io import load_json
+    from latdiffunet.utilities.file_io import load_json, write_json
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     plans_name = args.plans or ("latdiffPlans" if device == "cuda" else "latdiffPlans_tiny")
@@ -179,32 +180,38 @@ def main(argv: list[str] | None = None) -> int:
     rows, notes = [], []
     if not args.skip_latdiffunet:
         results = out / "latdiffunet_results"
-        cmd = [sys.executable, "-m", "latdiffunet.training.cli", name, str(args.fold), "-c", args.configuration, "-p", plans_name,
-               "--budget-minutes", str(args.budget_minutes), "--device", device]
-        wall = _run(cmd, env | {"LATDIFF_RESULTS": str(results)}, out / "latdiffunet_train.log")
         fold = results / name / f"LatentDiffusionTrainer__{plans_name}__{args.configuration}" / f"fold_{args.fold}"
+        stats_file = out / "latdiffunet_stats.json"
+        if not (args.reuse and stats_file.is_file()):
+            cmd = [sys.executable, "-m", "latdiffunet.training.cli", name, str(args.fold), "-c", args.configuration, "-p", plans_name,
+                   "--budget-minutes", str(args.budget_minutes), "--device", device]
+            wall = _run(cmd, env | {"LATDIFF_RESULTS": str(results)}, out / "latdiffunet_train.log")
+            write_json({"wall_seconds": round(wall, 1), "peak_rss_mib": round(_peak_child_rss_mib(), 1)}, stats_file)
+        stats = load_json(stats_file)
         summary = load_json(fold / "validation" / "summary.json")
         rows.append(_method_row(
-            "latdiffunet (LatentDiffusionTrainer, " + plans_name + ")", summary, wall - summary["seconds"],
-            summary["prediction_seconds"], len(val_cases), _peak_child_rss_mib(),
+            "latdiffunet (LatentDiffusionTrainer, " + plans_name + ")", summary, stats["wall_seconds"] - summary["seconds"],
+            summary["prediction_seconds"], len(val_cases), stats["peak_rss_mib"],
             {"epochs": len(load_json(fold / "metrics.json")), "prediction_settings": summary.get("prediction_settings"),
              "validation_folder": str(fold / "validation")},
         ))
     if not args.skip_nnunet:
-        stats_file = out / "nnunet_stats.json"
+        stats_file = out / f"nnunet_stats_{args.nnunet_iterations_per_epoch or 250}it.json"
         cmd = [sys.executable, "-m", "latdiffunet.evaluation.nnunet_baseline", "--dataset", name, "--configuration", args.configuration,
-               "--fold", str(args.fold), "--raw", str(paths.raw_root()), "--workdir", str(out / "nnunet"), "--splits",
+               "--fold", str(args.fold), "--raw", str(paths.raw_root()), "--workdir", str(out / f"nnunet_{args.nnunet_iterations_per_epoch or 250}it"), "--splits",
                str(pre / "splits_final.json"), "--budget-minutes", str(args.budget_minutes), "--device", device, "--stats", str(stats_file)]
         if args.nnunet_iterations_per_epoch:
             cmd += ["--iterations-per-epoch", str(args.nnunet_iterations_per_epoch)]
-        _run(cmd, env, out / "nnunet.log")
+        if not (args.reuse and stats_file.is_file()):
+            _run(cmd, env, out / "nnunet.log")
         stats = load_json(stats_file)
-        staging = out / "nnunet_validation_for_evaluation"
+        staging = out / f"nnunet_validation_for_evaluation_{args.nnunet_iterations_per_epoch or 250}it"
         _stage_nnunet_outputs(Path(stats["validation_folder"]), staging, val_cases, spec.file_ending)
         summary = evaluate_folder(spec.folder / "labelsTr", staging, labels, case_ids=val_cases, progress=False)
         rows.append(_method_row(
             stats["method"], summary, stats["training_seconds"], stats["validation_prediction_seconds"], len(val_cases),
             stats["peak_rss_mib"], {"epochs": stats["epochs"], "iterations_per_epoch": stats["iterations_per_epoch"],
+                                    "iterations_done": stats.get("iterations_done"),
                                     "batch_size": stats["batch_size"], "patch_size": stats["patch_size"]},
         ))
         notes.append("nnU-Net's uncertainty is the entropy of its softmax; its inference time includes its export with probabilities")

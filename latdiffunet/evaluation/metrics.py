@@ -27,6 +27,7 @@ from scipy import ndimage
 from latdiffunet.evaluation.array_checks import _as_binary, _as_label_map, _check_same_shape, _check_spacing, _valid_mask
 
 __all__ = [
+    "PROBABILITY_SUM_ATOL",
     "confusion_counts",
     "dice",
     "iou",

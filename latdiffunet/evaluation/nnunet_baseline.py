@@ -46,26 +46,43 @@ def _prepare_environment(raw: Path, workdir: Path, num_processes: int) -> None:
 
 def make_budget_trainer(base):
     class nnUNetTrainerTimeBudget(base):
+        """nnU-Net's training loop with a wall-clock budget checked after every iteration.
+
+        Epochs are nnU-Net's (250 iterations unless told otherwise); after each epoch the number of
+        epochs and the poly schedule's length are set to what fits the budget. When the budget runs
+        out inside an epoch, that epoch ends early (its validation step is skipped) and training
+        ends as nnU-Net's would, so a plan whose single epoch exceeds the budget still stops on time.
+        """
+
         budget_seconds: float = 1200.0
 
         def run_training(self):
+            import torch
+
             self.on_train_start()
             start = time.time()
-            while self.current_epoch < self.num_epochs:
+            deadline = start + 0.9 * self.budget_seconds
+            out_of_time = False
+            while self.current_epoch < self.num_epochs and not out_of_time:
                 epoch_start = time.time()
                 self.on_epoch_start()
                 self.on_train_epoch_start()
-                outputs = [self.train_step(next(self.dataloader_train)) for _ in range(self.num_iterations_per_epoch)]
+                outputs = []
+                for _ in range(self.num_iterations_per_epoch):
+                    outputs.append(self.train_step(next(self.dataloader_train)))
+                    if time.time() > deadline:
+                        out_of_time = True
+                        break
                 self.on_train_epoch_end(outputs)
-                import torch
-
                 with torch.no_grad():
                     self.on_validation_epoch_start()
-                    val = [self.validation_step(next(self.dataloader_val)) for _ in range(self.num_val_iterations_per_epoch)]
+                    n_val = 1 if out_of_time else self.num_val_iterations_per_epoch
+                    val = [self.validation_step(next(self.dataloader_val)) for _ in range(n_val)]
                     self.on_validation_epoch_end(val)
                 self.on_epoch_end()
+                self.iterations_done = getattr(self, "iterations_done", 0) + len(outputs)
                 epoch_time = time.time() - epoch_start
-                fits = int((0.9 * self.budget_seconds - (time.time() - start)) // epoch_time)
+                fits = int(max(deadline - time.time(), 0) // epoch_time)
                 self.num_epochs = max(self.current_epoch, min(self.current_epoch + fits, 1000))
                 self.lr_scheduler.max_steps = max(self.num_epochs, 1)
             self.on_train_end()
@@ -131,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         "validation_prediction_seconds": round(t_val, 1),
         "epochs": int(trainer.current_epoch),
         "iterations_per_epoch": int(trainer.num_iterations_per_epoch),
+        "iterations_done": int(getattr(trainer, "iterations_done", 0)),
         "batch_size": cfg["batch_size"],
         "patch_size": cfg["patch_size"],
         "validation_folder": str(Path(trainer.output_folder) / "validation"),

@@ -9,7 +9,6 @@ two latent voxels cannot be reconstructed from the latent.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
