@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-nnunet", action="store_true", help="only run latdiffunet (e.g. nnunetv2 not installed)")
     p.add_argument("--skip-latdiffunet", action="store_true")
     p.add_argument("--nnunet-iterations-per-epoch", type=int, default=None, help="default: nnU-Net's 250")
+    p.add_argument("--nnunet-gpu-memory-gb", type=float, default=None,
+                   help="nnU-Net planner memory target (default its 8 GB; small values give CPU-sized batches)")
     p.add_argument("--reuse", action="store_true", help="reuse a method's finished run in the output folder instead of retraining it")
     return p
 
@@ -196,16 +198,19 @@ def main(argv: list[str] | None = None) -> int:
              "validation_folder": str(fold / "validation")},
         ))
     if not args.skip_nnunet:
-        stats_file = out / f"nnunet_stats_{args.nnunet_iterations_per_epoch or 250}it.json"
+        variant = f"{args.nnunet_iterations_per_epoch or 250}it" + (f"_{args.nnunet_gpu_memory_gb:g}GB" if args.nnunet_gpu_memory_gb else "")
+        stats_file = out / f"nnunet_stats_{variant}.json"
         cmd = [sys.executable, "-m", "latdiffunet.evaluation.nnunet_baseline", "--dataset", name, "--configuration", args.configuration,
-               "--fold", str(args.fold), "--raw", str(paths.raw_root()), "--workdir", str(out / f"nnunet_{args.nnunet_iterations_per_epoch or 250}it"), "--splits",
+               "--fold", str(args.fold), "--raw", str(paths.raw_root()), "--workdir", str(out / f"nnunet_{variant}"), "--splits",
                str(pre / "splits_final.json"), "--budget-minutes", str(args.budget_minutes), "--device", device, "--stats", str(stats_file)]
         if args.nnunet_iterations_per_epoch:
             cmd += ["--iterations-per-epoch", str(args.nnunet_iterations_per_epoch)]
+        if args.nnunet_gpu_memory_gb:
+            cmd += ["--gpu-memory-gb", str(args.nnunet_gpu_memory_gb)]
         if not (args.reuse and stats_file.is_file()):
             _run(cmd, env, out / "nnunet.log")
         stats = load_json(stats_file)
-        staging = out / f"nnunet_validation_for_evaluation_{args.nnunet_iterations_per_epoch or 250}it"
+        staging = out / f"nnunet_validation_for_evaluation_{variant}"
         _stage_nnunet_outputs(Path(stats["validation_folder"]), staging, val_cases, spec.file_ending)
         summary = evaluate_folder(spec.folder / "labelsTr", staging, labels, case_ids=val_cases, progress=False)
         rows.append(_method_row(

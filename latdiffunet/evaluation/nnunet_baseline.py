@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--num-processes", type=int, default=2)
     p.add_argument("--iterations-per-epoch", type=int, default=None, help="default nnU-Net's 250")
+    p.add_argument("--gpu-memory-gb", type=float, default=None, help="nnU-Net planner's memory target (default its 8 GB)")
     p.add_argument("--stats", required=True, type=Path, help="where to write timings as JSON")
     args = p.parse_args(argv)
     _prepare_environment(args.raw, args.workdir, args.num_processes)
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     if not (pre / "nnUNetPlans.json").is_file():
         extract_fingerprints([dataset_id], num_processes=args.num_processes, check_dataset_integrity=False)
-        plan_experiments([dataset_id])
+        plan_experiments([dataset_id], gpu_memory_target_in_gb=args.gpu_memory_gb)
     if not (pre / f"nnUNetPlans_{configuration}").is_dir():
         preprocess([dataset_id], configurations=(configuration,), num_processes=(args.num_processes,))
     shutil.copy(args.splits, pre / "splits_final.json")
@@ -141,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     t_val = time.time() - t2
     cfg = plans["configurations"][configuration]
     stats = {
-        "method": "nnU-Net v2 (nnUNetTrainer, default ExperimentPlanner plans, time-budgeted epochs)",
+        "method": "nnU-Net v2 (nnUNetTrainer, ExperimentPlanner plans"
+        + (f" for {args.gpu_memory_gb:g} GB" if args.gpu_memory_gb else "")
+        + f", {trainer.num_iterations_per_epoch} it/epoch, time-budgeted)",
         "nnunetv2_version": __import__("importlib.metadata").metadata.version("nnunetv2"),
         "planning_and_preprocessing_seconds": round(t_plan, 1),
         "training_seconds": round(t_train, 1),
