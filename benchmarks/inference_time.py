@@ -45,7 +45,7 @@ def main() -> None:
     run = find_run_folder(paths.results_root() / name, args.trainer, args.plans, args.configuration)
     predictor = LatentDiffusionPredictor(run, args.folds, device)
     steps = args.steps or predictor.configuration["inference"]["sampling_steps"]
-    cases = sorted(list_input_cases(Path(args.input), predictor.dataset_json))[: args.cases + 1]
+    cases = sorted(list_input_cases(Path(args.input), predictor.dataset_spec))[: args.cases + 1]
     print(f"device {device}, torch threads {torch.get_num_threads()}, folds {args.folds}, steps {steps}, "
           f"patch {predictor.configuration['patch_size']}, {len(cases) - 1} timed cases")
     for n in args.samples:

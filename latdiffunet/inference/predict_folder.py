@@ -20,19 +20,17 @@ from latdiffunet.imageio.sitk_io import ImageGeometry, read_images_as_channels, 
 from latdiffunet.inference.export import labels_to_original, map_to_original, probabilities_to_original
 from latdiffunet.inference.predictor import LatentDiffusionPredictor, PredictionSettings
 from latdiffunet.inference.uncertainty import uncertainty_maps
-from latdiffunet.raw_dataset import find_cases
+from latdiffunet.raw_dataset import DatasetSpec, find_cases
 from latdiffunet.utilities.file_io import save_npz, write_json
 
 UNCERTAINTY_MAPS = ("entropy", "mutual_information", "agreement")
 
 
-def list_input_cases(folder: Path, dataset_json: dict) -> dict[str, list[Path]]:
+def list_input_cases(folder: Path, spec: DatasetSpec) -> dict[str, list[Path]]:
+    """Input cases named like the training data (one file per channel, or one RGB file)."""
     if not folder.is_dir():
         raise UserInputError("input folder not found", path=folder, fix="give the folder holding the CASE_0000 images with -i")
-    ending = dataset_json["file_ending"]
-    names = [dataset_json["channel_names"][k].strip().lower() for k in sorted(dataset_json["channel_names"], key=int)]
-    rgb = ending in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff") and names in (["r", "g", "b"], ["red", "green", "blue"])
-    files_per_case = 1 if rgb else len(names)
+    ending, files_per_case = spec.file_ending, spec.files_per_case
     cases, problems = find_cases(folder, ending, files_per_case)
     if problems:
         raise UserInputError(
@@ -104,13 +102,13 @@ def predict_folder(
     """Predict every (unfinished) case of this shard (or only ``case_ids``); returns those predicted."""
     if not 0 <= part_id < num_parts:
         raise UserInputError(f"--part_id must be in 0..{num_parts - 1}, got {part_id}", fix="number the shards 0 .. --num_parts - 1")
-    cases = list_input_cases(input_folder, predictor.dataset_json)
+    cases = list_input_cases(input_folder, predictor.dataset_spec)
     if case_ids is not None:
         missing = sorted(set(case_ids) - set(cases))
         if missing:
             raise UserInputError(f"case(s) {missing[:5]} not found among the inputs", path=input_folder)
         cases = {c: cases[c] for c in case_ids}
-    ending = predictor.dataset_json["file_ending"]
+    ending = predictor.dataset_spec.file_ending
     shard = sorted(cases)[part_id::num_parts]
     todo = [c for c in shard if overwrite or not (output_folder / f"{c}{ending}").is_file()]
     output_folder.mkdir(parents=True, exist_ok=True)
@@ -122,7 +120,7 @@ def predict_folder(
     )
     if len(todo) < len(shard):
         print(f"{len(shard) - len(todo)} case(s) already predicted in {output_folder} (--overwrite redoes them)")
-    num_channels = len(predictor.dataset_json["channel_names"])
+    num_channels = predictor.dataset_spec.num_channels
     jobs = {c: (cases[c], num_channels, predictor.plans, predictor.configuration_name) for c in todo}
     pool = ProcessPoolExecutor(num_processes, mp_context=multiprocessing.get_context("fork")) if num_processes > 0 else None
 

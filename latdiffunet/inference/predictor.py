@@ -58,7 +58,7 @@ class LatentDiffusionPredictor:
         copied = "latdiff_train writes it into the run folder; copy it back from the training machine or retrain"
         self.plans = load_plans(run_folder / "plans.json", "plans.json of the trained model", fix=copied)
         self.dataset_json = load_json(run_folder / "dataset.json", "dataset.json of the trained model", fix=copied)
-        parse_dataset_json(run_folder / "dataset.json")  # validated: its labels and file ending drive the outputs
+        self.dataset_spec = parse_dataset_json(run_folder / "dataset.json")  # its labels and file ending drive the outputs
         self.configuration_name = run_folder.name.split("__")[-1]
         if self.configuration_name not in self.plans["configurations"]:
             raise UserInputError(
@@ -77,7 +77,7 @@ class LatentDiffusionPredictor:
             self.models.append(model)
             self.checkpoints.append(str(path))
             self.diffusion = state["diffusion"]  # variants may differ from the plans (e.g. v-prediction)
-        self.label_values = sorted(v for k, v in self.dataset_json["labels"].items() if k != "ignore")
+        self.label_values = self.dataset_spec.class_labels
 
     @property
     def num_classes(self) -> int:

@@ -15,12 +15,8 @@ import torch
 from latdiffunet.evaluation.metrics import evaluate_case, summarize
 from latdiffunet.inference.latent_sampling import diffusion_window_predictor, reconstruction_window_predictor
 from latdiffunet.inference.sliding_window import sliding_window_predict
-from latdiffunet.utilities.file_io import load_json, load_npz
-
-
-def _load(folder: Path, case_id: str) -> tuple[np.ndarray, np.ndarray, dict]:
-    arrays = load_npz(folder / f"{case_id}.npz")
-    return arrays["data"], arrays["seg"], load_json(folder / f"{case_id}.json")
+from latdiffunet.training.data_loading import load_preprocessed_case
+from latdiffunet.utilities.file_io import load_json
 
 
 def _onehot(seg: np.ndarray, num_classes: int) -> np.ndarray:
@@ -59,7 +55,8 @@ def evaluate_model_on_cases(
         raise ValueError(f"unknown validation mode {mode!r}")
     per_case = []
     for case_id in case_ids:
-        data, seg, props = _load(folder, case_id)
+        case = load_preprocessed_case(folder, case_id)
+        data, seg, props = case["data"], case["seg"], load_json(folder / f"{case_id}.json")
         inputs = _onehot(seg, num_classes) if mode == "reconstruction" else data
         probs = sliding_window_predict(
             inputs, configuration["patch_size"], predictor, samples, num_classes, device,
