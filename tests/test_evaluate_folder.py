@@ -88,7 +88,7 @@ def test_overlap_metrics_per_case_and_mean(toy):
     assert summary["mean"]["2"]["Dice"] == pytest.approx(1.0)
     assert summary["foreground_mean"]["Dice"] == pytest.approx(0.875)
     assert summary["missing_cases"] == []
-    assert "calibration_mean" not in summary and "ambiguity_mean" not in summary
+    assert "calibration_mean" not in summary and "ambiguity" not in summary
 
     on_disk = json.loads((pred / "summary.json").read_text())
     for key in ("metric_per_case", "mean", "foreground_mean", "labels", "num_cases"):
@@ -115,10 +115,12 @@ def test_ignore_label_voxels_do_not_count(tmp_path):
     ref[0, 0, 2:4] = 3
     write(tmp_path / "r" / "x.nii.gz", ref)
     write(tmp_path / "p" / "x.nii.gz", pred)
+    write(tmp_path / "p" / "x_samples" / "sample_00.nii.gz", pred)  # the same extra voxels: not counted either
     summary = evaluate_folder(tmp_path / "r", tmp_path / "p", None, ignore_label=3, num_processes=1, progress=False)
     assert summary["labels"] == [1]
     m = summary["metric_per_case"][0]["metrics"]["1"]
     assert m["Dice"] == pytest.approx(1.0) and m["FP"] == 0
+    assert summary["metric_per_case"][0]["samples"]["1"]["Dice_single_sample"] == pytest.approx(1.0)
     with pytest.raises(UserInputError, match="ignore label"):
         evaluate_folder(tmp_path / "r", tmp_path / "p", [1, 3], ignore_label=3, num_processes=1, progress=False)
 
@@ -166,7 +168,12 @@ def test_calibration_from_probabilities_and_uncertainty_maps(toy):
         evaluate_folder(ref, pred, None, num_processes=1, progress=False)
 
 
-def _multi_rater_toy(tmp_path: Path) -> tuple[Path, Path, Path]:
+def _multi_rater_toy(tmp_path: Path, samples: tuple[str, ...] = ("r1", "r0")) -> tuple[Path, Path, Path]:
+    """One lesion drawn by two raters, and diffusion samples that are copies of the named raters.
+
+    r0 is 2x3x3 = 18 voxels, r1 2x3x4 = 24 voxels, overlapping in 2x2x2 = 8: union 34,
+    IoU(r0, r1) = 8/34, d(r0, r1) = 1 - 8/34 = 13/17. The reference is r0 | r1 (34 voxels).
+    """
     ref, pred, raters = tmp_path / "ref", tmp_path / "pred", tmp_path / "raters"
     r0, r1 = np.zeros(SHAPE, np.uint8), np.zeros(SHAPE, np.uint8)
     r0[1:3, 1:4, 1:4] = 1
@@ -175,9 +182,12 @@ def _multi_rater_toy(tmp_path: Path) -> tuple[Path, Path, Path]:
     write(pred / "lesion.nii.gz", r0)
     write(raters / "lesion_rater0.nii.gz", r0)
     write(raters / "lesion_rater1.nii.gz", r1)
-    write(pred / "lesion_samples" / "sample_00.nii.gz", r1)
-    write(pred / "lesion_samples" / "sample_01.nii.gz", r0)
+    for i, name in enumerate(samples):
+        write(pred / "lesion_samples" / f"sample_{i:02d}.nii.gz", {"r0": r0, "r1": r1}[name])
     return ref, pred, raters
+
+
+D_R0_R1 = 13 / 17
 
 
 def test_multi_rater_samples_identical_to_raters(tmp_path):
@@ -187,9 +197,89 @@ def test_multi_rater_samples_identical_to_raters(tmp_path):
     assert amb["GED"] == pytest.approx(0.0, abs=1e-12)
     assert amb["HM_IoU"] == pytest.approx(1.0)
     assert (amb["num_samples"], amb["num_raters"]) == (2, 2)
-    assert summary["ambiguity_mean"] == {"GED": pytest.approx(0.0, abs=1e-12), "HM_IoU": pytest.approx(1.0)}
-    # without raters there is nothing to compare the samples with
-    assert "ambiguity_mean" not in evaluate_folder(ref, pred, [1], num_processes=1, progress=False)
+    # ordered pairs (0, d, d, 0) in both sets
+    assert amb["sample_diversity"] == pytest.approx(D_R0_R1 / 2) and amb["rater_diversity"] == pytest.approx(D_R0_R1 / 2)
+    assert amb["diversity_ratio"] == pytest.approx(1.0)
+    assert amb["frequency_map_L1"] == 0.0 and amb["frequency_map_soft_dice"] == pytest.approx(1.0)
+    assert summary["ambiguity"] == {
+        "GED": pytest.approx(0.0, abs=1e-12), "HM_IoU": pytest.approx(1.0),
+        "sample_diversity": pytest.approx(D_R0_R1 / 2), "rater_diversity": pytest.approx(D_R0_R1 / 2),
+        "diversity_ratio": pytest.approx(1.0), "diversity_ratio_of_means": pytest.approx(1.0),
+        "frequency_map_L1": 0.0, "frequency_map_soft_dice": pytest.approx(1.0),
+    }
+    assert set(summary["ambiguity_num_cases"].values()) == {1}
+    # single-sample Dice against the reference r0 | r1 (34 voxels): r1 2*24/58, r0 2*18/52; the pair 2*8/42
+    s = summary["metric_per_case"][0]["samples"]
+    assert s["num_samples"] == 2
+    assert s["1"]["Dice_single_sample"] == pytest.approx((48 / 58 + 36 / 52) / 2)
+    assert s["1"]["Dice_pairwise_samples"] == pytest.approx(16 / 42)
+    # without raters there is nothing to compare the samples with, but the sample Dice remains
+    no_raters = evaluate_folder(ref, pred, [1], num_processes=1, progress=False)
+    assert "ambiguity" not in no_raters and "ambiguity" not in no_raters["metric_per_case"][0]
+    assert no_raters["samples"]["mean"]["1"]["Dice_single_sample"] == pytest.approx((48 / 58 + 36 / 52) / 2)
+
+
+def test_collapsed_samples_have_no_diversity_and_positive_ged(tmp_path):
+    ref, pred, raters = _multi_rater_toy(tmp_path, samples=("r0", "r0", "r0"))
+    summary = evaluate_folder(ref, pred, [1], raters_folder=raters, num_processes=1, progress=False)
+    amb = summary["metric_per_case"][0]["ambiguity"]
+    d = D_R0_R1
+    # E d(S,Y) = (0 + d) / 2, E d(S,S') = 0, E d(Y,Y') = d/2 -> GED = d - 0 - d/2 = d/2 = 13/34
+    assert amb["sample_diversity"] == 0.0 and amb["rater_diversity"] == pytest.approx(d / 2)
+    assert amb["GED"] == pytest.approx(13 / 34)
+    assert amb["diversity_ratio"] == 0.0
+    # tiled to lcm(3, 2) = 6: three r0-r0 matches (IoU 1), three r0-r1 (IoU 8/34)
+    assert amb["HM_IoU"] == pytest.approx((1 + 8 / 34) / 2)
+    # p = 1 on r0; q = 1 on the 8 shared voxels, 0.5 on r0 only (10) and r1 only (16); union 34
+    # L1 = 0.5 * 26 / 34; soft Dice = 2 (8 + 0.5 * 10) / (18 + (8 + 0.25 * 26)) = 26 / 32.5
+    assert amb["frequency_map_L1"] == pytest.approx(13 / 34)
+    assert amb["frequency_map_soft_dice"] == pytest.approx(0.8)
+    assert summary["ambiguity"]["diversity_ratio_of_means"] == 0.0
+    # identical samples: pairwise Dice 1
+    assert summary["samples"]["foreground_mean"]["Dice_pairwise_samples"] == pytest.approx(1.0)
+
+
+def test_single_sample_dice_vs_dice_of_the_mean(toy, capsys):
+    """case_b gets two samples: one exact, one with class 1 shifted and class 2 missed.
+
+    case_b's class 1 is z 1, y 1..2, x 0..2 (6 voxels). Sample 1 shifts it to x 1..3: TP 4,
+    FP 2, FN 2, Dice 8/12 = 2/3; sample 0 is exact (Dice 1) -> single-sample Dice 5/6, and the
+    pair is the same overlap -> pairwise 2/3. Class 2 is added at z 3, y 4, x 5 to the
+    reference, the mean prediction and sample 0, but not to sample 1: Dice 1 and 0 -> 0.5,
+    pairwise 0 (one empty). Foreground: single (5/6 + 1/2) / 2 = 2/3, pairwise (2/3 + 0) / 2 = 1/3.
+    """
+    ref, pred = toy
+    r_b, _ = toy_cases()["case_b"]
+    r_b = r_b.copy()
+    r_b[3, 4, 5] = 2
+    write(ref / "case_b.nii.gz", r_b)
+    write(pred / "case_b.nii.gz", r_b)
+    shifted = np.zeros(SHAPE, np.uint8)
+    shifted[1, 1:3, 1:4] = 1
+    write(pred / "case_b_samples" / "sample_00.nii.gz", r_b)
+    write(pred / "case_b_samples" / "sample_01.nii.gz", shifted)
+    write(pred / "case_b_samples" / ".sample_02.nii.gz.tmp.nii.gz", shifted)  # an unfinished write: not a sample
+
+    summary = evaluate_folder(ref, pred, [1, 2], num_processes=1, progress=False)
+    by_case = {c["case_id"]: c for c in summary["metric_per_case"]}
+    s = by_case["case_b"]["samples"]
+    assert s["num_samples"] == 2
+    assert s["1"] == {"Dice_single_sample": pytest.approx(5 / 6), "Dice_pairwise_samples": pytest.approx(2 / 3)}
+    assert s["2"] == {"Dice_single_sample": pytest.approx(0.5), "Dice_pairwise_samples": 0.0}
+    assert s["foreground_mean"] == {"Dice_single_sample": pytest.approx(2 / 3), "Dice_pairwise_samples": pytest.approx(1 / 3)}
+    assert "samples" not in by_case["case_a"] and "ambiguity" not in by_case["case_b"]
+    assert summary["samples_num_cases"] == 1
+    assert summary["samples"]["mean"]["1"]["Dice_single_sample"] == pytest.approx(5 / 6)
+    assert summary["samples"]["foreground_mean"] == {
+        "Dice_single_sample": pytest.approx(2 / 3), "Dice_pairwise_samples": pytest.approx(1 / 3),
+    }
+    # nnU-Net's keys still score the mean prediction over all cases: class 1 (0.5 + 1) / 2, class 2 (1 + 1) / 2
+    assert summary["mean"]["1"]["Dice"] == pytest.approx(0.75) and summary["foreground_mean"]["Dice"] == pytest.approx(0.875)
+    on_disk = json.loads((pred / "summary.json").read_text())
+    assert on_disk["samples"]["foreground_mean"]["Dice_single_sample"] == pytest.approx(2 / 3)
+
+    assert cli_main(["-ref", str(ref), "-pred", str(pred), "-np", "1"]) == 0
+    assert "Dice of one sample 0.6667 vs Dice of the mean 0.8750" in capsys.readouterr().out
 
 
 def test_cli_with_dataset_json_raters(tmp_path, capsys):
@@ -204,9 +294,11 @@ def test_cli_with_dataset_json_raters(tmp_path, capsys):
     assert cli_main(["-ref", str(ref), "-pred", str(pred), "-d", str(dataset), "-np", "1"]) == 0
     out = capsys.readouterr().out
     assert "foreground mean Dice" in out and "1: " in out
+    assert "ambiguity: GED 0.0000, HM_IoU 1.0000, sample_diversity 0.3824, rater_diversity 0.3824" in out
+    assert "Dice of one sample" in out
     summary = json.loads((pred / "summary.json").read_text())
     assert summary["labels"] == [1]
-    assert summary["ambiguity_mean"]["HM_IoU"] == pytest.approx(1.0)
+    assert summary["ambiguity"]["HM_IoU"] == pytest.approx(1.0)
     # dataset.json promises two raters per case: a missing one is an error naming the file
     (dataset / "labelsTr_raters" / "lesion_rater1.nii.gz").unlink()
     assert cli_main(["-ref", str(ref), "-pred", str(pred), "-d", str(dataset), "-np", "1"]) == 2

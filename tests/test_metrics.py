@@ -7,6 +7,12 @@ import math
 import numpy as np
 import pytest
 
+from latdiffunet.evaluation.ambiguity import (
+    energy_distance_terms,
+    frequency_map_agreement,
+    sample_dice_scores,
+    set_diversity,
+)
 from latdiffunet.evaluation.metrics import (
     aggregate,
     confusion_counts,
@@ -333,6 +339,62 @@ def test_hm_iou_tiles_to_lcm():
     # S = 2, R = 3 -> N = 6; samples {B, C} x3, raters {B, C, A} x2:
     # B-B x2, C-C x2, then A (x2) against the remaining (B, C) -> IoU 0 -> 4/6
     assert hungarian_matched_iou(np.stack([b, c]), np.stack([b, c, a])) == pytest.approx(4 / 6)
+
+
+def test_diversities_are_the_terms_of_ged():
+    # S = {A}, Y = {A, B}: E d(S,Y) = d/2, E d(S,S') = 0, E d(Y,Y') = (0 + d + d + 0) / 4 = d/2
+    assert set_diversity(np.stack([MA, MB])) == pytest.approx(D_AB / 2)
+    assert set_diversity(MA[None]) == 0.0
+    t = energy_distance_terms(MA[None], np.stack([MA, MB]))
+    assert t["cross_distance"] == pytest.approx(D_AB / 2)
+    assert (t["sample_diversity"], t["rater_diversity"]) == (0.0, pytest.approx(D_AB / 2))
+    assert t["GED"] == pytest.approx(2 * t["cross_distance"] - t["sample_diversity"] - t["rater_diversity"])
+    assert t["GED"] == generalized_energy_distance(MA[None], np.stack([MA, MB]))
+    assert t["diversity_ratio"] == 0.0  # collapsed samples
+    s = np.stack([MA, MB])
+    assert energy_distance_terms(s, s[::-1])["diversity_ratio"] == pytest.approx(1.0)
+    assert math.isnan(energy_distance_terms(s, np.stack([MA, MA]))["diversity_ratio"])  # raters agree
+    with pytest.raises(ValueError, match="spatial shape"):
+        energy_distance_terms(MA[None], np.zeros((1, 3, 4)))
+
+
+def test_frequency_map_agreement_by_hand():
+    # samples {A, A}, raters {A, B}; union = rows 0-1, cols 0-2 (6 voxels)
+    # p (samples): col0 1, col1 1, col2 0;  q (raters): col0 0.5, col1 1, col2 0.5
+    # L1 = (2 * 0.5 + 0 + 2 * 0.5) / 6 = 1/3
+    # soft Dice = 2 * (2 * 0.5 + 2 * 1) / (4 * 1 + (2 * 0.25 + 2 * 1 + 2 * 0.25)) = 6 / 7
+    f = frequency_map_agreement(np.stack([MA, MA]), np.stack([MA, MB]))
+    assert f["frequency_map_L1"] == pytest.approx(1 / 3)
+    assert f["frequency_map_soft_dice"] == pytest.approx(6 / 7)
+    same = frequency_map_agreement(np.stack([MA, MB]), np.stack([MB, MA]))
+    assert same == {"frequency_map_L1": 0.0, "frequency_map_soft_dice": pytest.approx(1.0)}
+    empty = np.zeros((2, 4, 4), int)
+    assert frequency_map_agreement(empty, empty[:1]) == {"frequency_map_L1": 0.0, "frequency_map_soft_dice": 1.0}
+    # label maps: foreground is label > 0
+    assert frequency_map_agreement(MA[None] * 2, MA[None].astype(int))["frequency_map_L1"] == 0.0
+
+
+def test_sample_dice_scores_by_hand():
+    # reference row x 0..3; sample 0 exact (Dice 1), sample 1 shifted to x 2..5 (TP 2, FP 2, FN 2: Dice 0.5)
+    ref = np.zeros((2, 8), int)
+    ref[0, 0:4] = 1
+    s0, s1 = ref.copy(), np.zeros_like(ref)
+    s1[0, 2:6] = 1
+    s1[1, 7] = 2  # class 2 absent from the reference: a false positive of sample 1 only
+    out = sample_dice_scores(np.stack([s0, s1]), ref, [1, 2])
+    assert out["1"]["Dice_single_sample"] == pytest.approx(0.75)
+    assert out["1"]["Dice_pairwise_samples"] == pytest.approx(0.5)  # s0 vs s1 is the same overlap
+    # class 2: sample 0 and reference both empty (NaN, skipped), sample 1 scores 0
+    assert out["2"] == {"Dice_single_sample": 0.0, "Dice_pairwise_samples": 0.0}
+    # unannotated voxels x 4..5 remove sample 1's false positives: TP 2, FN 2 -> Dice 2/3
+    ignore = np.zeros_like(ref, bool)
+    ignore[0, 4:6] = True
+    assert sample_dice_scores(np.stack([s0, s1]), ref, [1], ignore)["1"]["Dice_single_sample"] == pytest.approx((1 + 2 / 3) / 2)
+    one = sample_dice_scores(s0[None], ref, [1, 2])
+    assert one["1"]["Dice_single_sample"] == 1.0 and math.isnan(one["1"]["Dice_pairwise_samples"])
+    assert math.isnan(one["2"]["Dice_single_sample"])  # class absent everywhere
+    with pytest.raises(ValueError, match="shaped like the reference"):
+        sample_dice_scores(np.stack([s0, s1]), ref[:, :4], [1])
 
 
 # ------------------------------------------------------------------ per case and summary

@@ -1,11 +1,24 @@
-"""Planner rules on hand-made fingerprints (no files, no GPU)."""
+"""Planner rules on hand-made fingerprints (no files, no GPU).
+
+The last test (slow, real data) guards the reference plans of the shared 2D multi-rater datasets
+(LIDC, QUBIQ) in ``plans/reference``, in the style of the Hippocampus one in
+``test_hippocampus_end_to_end.py``; regenerate them on purpose with
+``LATDIFF_UPDATE_REFERENCE_PLANS=1 pytest tests/test_planner.py -k reference``.
+"""
 
 from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
 
 import numpy as np
 import pytest
 
+from conftest import REPO_ROOT, shared_dataset
 from latdiffunet.errors import UserInputError
+from latdiffunet.experiment_planning.fingerprint import _objects, _size_summary, weighted_percentile
 from latdiffunet.experiment_planning.planner import (
     cap_for_isotropy,
     class_weights,
@@ -88,7 +101,7 @@ def test_plan_3d_dataset_has_2d_and_3d_and_fits_budget():
         assert cfg["batch_size"] >= 2
         assert cfg["patch_and_batch_why"]["estimated_bytes_at_min_batch"] <= preset["gpu_memory_budget_gb"] * 1024**3
         # the smallest structure still spans >= 2 latent voxels on every axis
-        assert min(cfg["latent"]["smallest_structure"]["p05_extent_latent_voxels"]) >= 2
+        assert min(cfg["latent"]["smallest_structure"]["extent_latent_voxels"]) >= 2
         assert cfg["network"]["dim"] == cfg["dimension"]
         assert cfg["diffusion"]["parameterization"] in ("x0", "v")
 
@@ -118,3 +131,167 @@ def test_2d_dataset_gets_only_2d_and_rgb_normalisation():
 def test_unknown_preset_is_a_user_error():
     with pytest.raises(UserInputError, match="unknown preset"):
         load_preset("nonexistent")
+
+
+# ------------------------------------------------------------------------------------------------
+# latent factor from the structures that matter, not from specks
+# ------------------------------------------------------------------------------------------------
+def _square(seg, y, x, size, label):
+    seg[0, y : y + size, x : x + size] = label
+
+
+def _summaries(label_maps: list[np.ndarray], labels=(1, 2), spacing=(999.0, 1.0, 1.0)) -> dict:
+    """``object_sizes_per_class`` computed by the fingerprint's own code from label maps."""
+    return {
+        str(c): _size_summary([(e, n, np.asarray(spacing)) for seg in label_maps for e, n in _objects(seg, c)])
+        for c in labels
+    }
+
+
+def _speckled_cases(n=32, shape=(1, 128, 128), small_class_2=None, seed=0) -> list[np.ndarray]:
+    """Per image: a real object of class 1 (20x20) and class 2 (24x24), plus 8 specks of class 1
+    (1-3 voxels, far apart: 8 of its 9 objects, but < 5 % of its voxels); optionally class 2 made
+    of 5x5 objects only."""
+    rng = np.random.default_rng(seed)
+    maps = []
+    for _ in range(n):
+        seg = np.zeros(shape, np.uint8)
+        _square(seg, 10, 10, 20, 1)
+        if small_class_2:
+            for j in range(4):
+                _square(seg, 40 + 12 * j, 90, small_class_2, 2)
+        else:
+            _square(seg, 60, 60, 24, 2)
+        for j in range(8):
+            seg[0, 100 + 8 * (j // 4), 8 + 8 * (j % 4) : 8 + 8 * (j % 4) + int(rng.integers(1, 4))] = 1
+        maps.append(seg)
+    return maps
+
+
+def _fingerprint_2d(label_maps, n=32, shape=(1, 128, 128)):
+    fp = fingerprint(spacing=(999.0, 1.0, 1.0), shape=shape, n=n, is_2d=True)
+    fp["object_sizes_per_class"] = _summaries(label_maps)
+    return fp
+
+
+def test_weighted_percentile_is_the_extent_holding_the_smallest_voxels():
+    # 90 specks of 1 voxel (90 voxels) and 10 objects of extent 20 (400 voxels each)
+    extents = np.array([[1.0]] * 90 + [[20.0]] * 10)
+    voxels = np.array([1.0] * 90 + [400.0] * 10)
+    assert np.percentile(extents, 5) == 1.0  # the plain percentile is a speck
+    assert weighted_percentile(extents, voxels, 5)[0] == 20.0  # specks hold 90 / 4090 = 2 % of the voxels
+    assert weighted_percentile(np.array([[5.0]] * 7), np.ones(7), 5)[0] == 5.0
+
+
+def test_fingerprint_summary_records_weighted_extent_and_specks():
+    summary = _summaries(_speckled_cases(n=4))["1"]
+    assert summary["num_objects"] == 4 * 9
+    assert summary["p05_extent_voxels"][1:] == [1.0, 1.0]  # plain percentile: a speck
+    assert summary["p05_volume_weighted_extent_voxels"][1:] == [20.0, 20.0]
+    assert summary["num_specks"] == 4 * 8 and summary["specks_fraction_of_voxels"] < 0.05
+    assert summary["num_voxels"] == sum(int((m == 1).sum()) for m in _speckled_cases(n=4))
+
+
+@pytest.mark.parametrize("preset_name", ["tiny", "default"])
+def test_specks_do_not_prevent_latent_compression(preset_name):
+    preset = load_preset(preset_name)
+    cfg = plan_experiment(_fingerprint_2d(_speckled_cases()), preset)["configurations"]["2d"]
+    factor = cfg["latent"]["downsampling_factor"]
+    assert min(factor) >= min(4, preset["latent"]["max_downsampling_per_axis"]), cfg["latent"]["why_factor"]
+    smallest = cfg["latent"]["smallest_structure"]
+    assert smallest["statistic"] == "p05_volume_weighted_extent_mm" and smallest["num_specks"] > 0
+    assert smallest["unweighted_p05_extent_voxels"] == [1.0, 1.0]
+    assert min(smallest["extent_latent_voxels"]) >= preset["latent"]["min_object_extent_in_latent_voxels"]
+
+
+def test_class_of_only_small_objects_still_limits_the_factor():
+    cfg = plan_experiment(_fingerprint_2d(_speckled_cases(small_class_2=5)), load_preset("default"))["configurations"]["2d"]
+    assert cfg["latent"]["downsampling_factor"] == [2, 2]  # 5 / 2 >= 2 latent voxels, 5 / 4 < 2
+    smallest = cfg["latent"]["smallest_structure"]
+    assert smallest["class"] == "2" and smallest["extent_voxels"] == [5.0, 5.0]
+    assert "volume-weighted 5th-percentile object of class 2" in cfg["latent"]["why_factor"][0]
+
+
+def test_old_fingerprint_without_weighted_statistic_still_plans():
+    cfg = plan_experiment(fingerprint(), load_preset("default"), ["3d"])["configurations"]["3d"]
+    smallest = cfg["latent"]["smallest_structure"]
+    assert smallest["statistic"] == "p05_extent_mm" and "--clean" in smallest["statistic_why"]
+
+
+# ------------------------------------------------------------------------------------------------
+# small 2D datasets: whole-image patches and a batch floor
+# ------------------------------------------------------------------------------------------------
+def test_small_2d_dataset_gets_whole_image_patch_and_batch_floor():
+    preset = load_preset("tiny")
+    fp = fingerprint(spacing=(999.0, 1.0, 1.0), shape=(1, 128, 128), p05_mm=(999.0, 20.0, 20.0), n=32, is_2d=True)
+    cfg = plan_experiment(fp, preset)["configurations"]["2d"]
+    assert cfg["patch_size"] == [128, 128]
+    assert cfg["batch_size"] >= 8
+    why = cfg["patch_and_batch_why"]
+    assert why["batch_by_5_percent_of_dataset"] < 8 <= why["batch_floor_for_small_datasets"]
+    assert "small-dataset floor 8" in why["batch_why"]
+    # the floor never exceeds what memory allows
+    preset["gpu_memory_budget_gb"] = 0.05
+    small = plan_experiment(fp, preset)["configurations"]["2d"]
+    assert small["batch_size"] <= max(small["patch_and_batch_why"]["batch_by_memory"], preset["batch_size"]["min"])
+
+
+# ------------------------------------------------------------------------------------------------
+# reference plans of the shared 2D multi-rater datasets (slow, real data)
+# ------------------------------------------------------------------------------------------------
+REFERENCE_2D = {  # dataset -> (converter, shared folder, dataset id)
+    "Dataset020_LIDCSlices": ("convert_lidc", "LIDC-IDRI-slices", "20"),
+    "Dataset030_QUBIQBrainGrowth": ("convert_qubiq", "QUBIQ-brain-growth", "30"),
+}
+
+
+def _load_converter(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "dataset_conversion" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module", params=sorted(REFERENCE_2D))
+def planned_2d(request, tmp_path_factory):
+    dataset = request.param
+    converter, folder, dataset_id = REFERENCE_2D[dataset]
+    source = shared_dataset(folder)
+    root = tmp_path_factory.mktemp(dataset)
+    env = {"LATDIFF_RAW": root / "raw", "LATDIFF_PREPROCESSED": root / "pre", "LATDIFF_RESULTS": root / "res"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update({k: str(v) for k, v in env.items()})
+    try:
+        _load_converter(converter).convert(source, env["LATDIFF_RAW"])
+        from latdiffunet.experiment_planning.cli import main
+
+        for preset in ("default", "tiny"):
+            assert main(["-d", dataset_id, "--preset", preset, "-np", "2", "--no_preprocess"]) == 0
+        yield dataset, env["LATDIFF_PREPROCESSED"] / dataset
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+@pytest.mark.parametrize("plans_name", ["latdiffPlans", "latdiffPlans_tiny"])
+def test_reference_plans_unchanged_2d_datasets(planned_2d, plans_name):
+    dataset, out = planned_2d
+    produced = json.loads((out / f"{plans_name}.json").read_text())
+    produced.pop("generated_by", None)
+    reference_file = REPO_ROOT / "plans" / "reference" / dataset / f"{plans_name}.json"
+    if os.environ.get("LATDIFF_UPDATE_REFERENCE_PLANS") == "1":
+        reference_file.parent.mkdir(parents=True, exist_ok=True)
+        reference_file.write_text(json.dumps(produced, indent=2) + "\n")
+    reference = json.loads(reference_file.read_text())
+    assert json.loads(json.dumps(produced)) == reference, (
+        f"the planner's output for {dataset} changed; if intended, regenerate {reference_file} with "
+        "LATDIFF_UPDATE_REFERENCE_PLANS=1 pytest tests/test_planner.py -k reference"
+    )
+    cfg = produced["configurations"]["2d"]  # the latent is compressed (the issue: specks chose 1x1)
+    assert min(cfg["latent"]["downsampling_factor"]) >= 4

@@ -64,7 +64,6 @@ def _predict(
     return predict_x0_and_eps(parameterization, out.to(x.dtype), x, alpha, sigma, clip_x0=clip_x0)
 
 
-@torch.no_grad()
 def ddim_sample(
     denoise: Denoiser,
     schedule: NoiseSchedule,
@@ -77,6 +76,8 @@ def ddim_sample(
     x_T: torch.Tensor | None = None,
     clip_x0: float | None = None,
     dtype: torch.dtype = torch.float32,
+    differentiable: bool = False,
+    grad_steps: int | None = None,
 ) -> torch.Tensor:
     """DDIM (Song et al. 2021) over ``inference_timesteps(T, num_steps)``; returns x0_hat.
 
@@ -86,15 +87,31 @@ def ddim_sample(
     x_T (what makes repeated samples differ only through x_T, useful for uncertainty estimates),
     1 gives the ancestral DDPM posterior on the chosen sub-sequence. The last step returns its
     x0 prediction directly rather than re-noising to some t < last timestep.
+
+    ``differentiable=True`` keeps the autograd graph through every step, so a loss on the returned
+    sample trains the whole few-step chain that inference runs (a sample-based loss such as the
+    energy score; cDAL trains its 2-4 step sampler the same way). ``grad_steps`` limits the graph to
+    the last that many steps (the earlier ones run without it): cheaper, and the loss then trains
+    the steps that turn the chain's state into the final mask. By default no graph is built.
     """
+    grad = differentiable and torch.is_grad_enabled()
+    with torch.set_grad_enabled(grad):
+        return _ddim_loop(denoise, schedule, shape, num_steps, parameterization, eta, generator, device, x_T, clip_x0,
+                          dtype, grad, grad_steps)
+
+
+def _ddim_loop(denoise, schedule, shape, num_steps, parameterization, eta, generator, device, x_T, clip_x0, dtype,
+               grad=False, grad_steps=None):
     check_parameterization(parameterization)
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
     timesteps = inference_timesteps(schedule.num_timesteps, num_steps)
     abar = schedule.alphas_cumprod.tolist()
     x = _initial_latent(shape, generator, device, dtype, x_T)
+    first_with_grad = 0 if grad_steps is None else len(timesteps) - grad_steps
     for i, t in enumerate(timesteps):
-        x0_hat, eps_hat = _predict(denoise, schedule, x, t, parameterization, clip_x0)
+        with torch.set_grad_enabled(grad and i >= first_with_grad):
+            x0_hat, eps_hat = _predict(denoise, schedule, x, t, parameterization, clip_x0)
         if i == len(timesteps) - 1:
             return x0_hat
         a_t, a_prev = abar[t], abar[timesteps[i + 1]]

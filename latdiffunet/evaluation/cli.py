@@ -81,11 +81,17 @@ def main(argv: list[str] | None = None) -> int:
     if summary["missing_cases"]:
         print(f"{len(summary['missing_cases'])} reference(s) without prediction skipped: {', '.join(summary['missing_cases'])}")
     print(f"{summary['num_cases']} cases evaluated")
-    for key in ("calibration_mean", "ambiguity_mean"):
+    for key in ("calibration_mean", "ambiguity"):
         if key in summary:
             print(f"{key}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in summary[key].items()))
     print("Dice per class: " + ", ".join(f"{c}: {_fmt(m['Dice'])}" for c, m in summary["mean"].items()))
     print(f"foreground mean Dice: {_fmt(summary['foreground_mean']['Dice'])}")
+    if "samples" in summary:
+        fg = summary["samples"]["foreground_mean"]
+        print(
+            f"Dice of one sample {_fmt(fg['Dice_single_sample'])} vs Dice of the mean {_fmt(summary['foreground_mean']['Dice'])} "
+            f"(foreground; Dice between two samples {_fmt(fg['Dice_pairwise_samples'])}, {summary['samples_num_cases']} case(s) with samples)"
+        )
     print(f"summary written to {Path(args.prediction) / 'summary.json'}")
     return 0
 

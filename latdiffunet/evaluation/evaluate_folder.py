@@ -11,13 +11,25 @@ measured, per case:
   :func:`~latdiffunet.evaluation.metrics.region_of_interest` (``ECE_roi``);
 * ``CASE_entropy.nii.gz`` / ``CASE_mutual_information.nii.gz``: AUROC of the map as a detector of
   wrong voxels (``uncertainty_error_AUROC`` / ``mi_error_AUROC``);
-* ``CASE_samples/sample_XX<ending>`` together with several rater annotations: generalised energy
-  distance and Hungarian-matched IoU of samples vs raters (``GED`` / ``HM_IoU``; foreground is
-  any label > 0, as in :mod:`~latdiffunet.evaluation.metrics`).
+* ``CASE_samples/sample_XX<ending>`` (``--save_samples``): per class, the mean Dice of a single
+  sample against the reference and the mean Dice between pairs of samples
+  (``Dice_single_sample`` / ``Dice_pairwise_samples``, see
+  :func:`~latdiffunet.evaluation.ambiguity.sample_dice_scores`). ``mean`` and
+  ``foreground_mean`` always score ``CASE<ending>``, the label of the *mean* prediction.
+* the samples together with several rater annotations: generalised energy distance and
+  Hungarian-matched IoU of samples vs raters (``GED`` / ``HM_IoU``), the two diversity terms of
+  GED and their ratio (``sample_diversity`` / ``rater_diversity`` / ``diversity_ratio``), and the
+  agreement of the samples' foreground frequency with the raters'
+  (``frequency_map_L1`` / ``frequency_map_soft_dice``). Foreground is any label > 0 here, see
+  :mod:`~latdiffunet.evaluation.ambiguity`.
 
-These go under ``"calibration"`` and ``"ambiguity"`` of the case's entry; their means over cases
-(NaN skipped) under ``"calibration_mean"`` and ``"ambiguity_mean"`` of the summary. Voxels that
-carry the ignore label in the reference are left out of every metric.
+These go under ``"calibration"``, ``"samples"`` and ``"ambiguity"`` of the case's entry. In the
+summary, their means over cases (NaN skipped) are ``"calibration_mean"``, ``"ambiguity"`` (with
+``diversity_ratio_of_means``, steadier than the mean of per-case ratios) and ``"samples"`` as
+``{"mean": {class: ...}, "foreground_mean": ...}``, averaged like nnU-Net's ``mean`` /
+``foreground_mean``; ``*_num_cases`` count the cases behind them. Voxels that carry the ignore label in the reference are left out
+of every metric except the multi-rater ones, which compare samples with raters, not with the
+reference.
 """
 
 from __future__ import annotations
@@ -31,10 +43,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from latdiffunet.errors import UserInputError
+from latdiffunet.evaluation.ambiguity import energy_distance_terms, frequency_map_agreement, sample_dice_scores
 from latdiffunet.evaluation.metrics import (
     evaluate_case,
     expected_calibration_error,
-    generalized_energy_distance,
     hungarian_matched_iou,
     region_of_interest,
     summarize,
@@ -51,6 +63,7 @@ __all__ = [
     "AUXILIARY_SUFFIXES",
     "CALIBRATION_METRICS",
     "AMBIGUITY_METRICS",
+    "SAMPLE_METRICS",
 ]
 
 #: Confidence bins of the expected calibration error.
@@ -58,7 +71,10 @@ ECE_BINS = 15
 #: Stems of ``latdiff_predict``'s per-case extra files; such files are never cases themselves.
 AUXILIARY_SUFFIXES = ("_entropy", "_mutual_information", "_agreement", "_probabilities")
 CALIBRATION_METRICS = ("ECE_all", "ECE_roi", "uncertainty_error_AUROC", "mi_error_AUROC")
-AMBIGUITY_METRICS = ("GED", "HM_IoU")
+AMBIGUITY_METRICS = (
+    "GED", "HM_IoU", "sample_diversity", "rater_diversity", "diversity_ratio", "frequency_map_L1", "frequency_map_soft_dice",
+)
+SAMPLE_METRICS = ("Dice_single_sample", "Dice_pairwise_samples")
 #: ``float16`` storage of probabilities rounds each class by up to ~5e-4; renormalise within this.
 PROBABILITY_SUM_TOLERANCE = 1e-2
 
@@ -245,24 +261,49 @@ def _evaluate_one(job: _CaseJob) -> dict[str, Any]:
         entry["calibration"] = calibration
 
     samples_dir = folder / f"{job.case_id}_samples"
-    if job.rater_files and samples_dir.is_dir():
+    sample_files = []
+    if samples_dir.is_dir():
         sample_files = sorted(p for p in samples_dir.iterdir() if p.name.startswith("sample_") and p.name.endswith(job.ending))
-        if sample_files:
+    if sample_files:
+        samples = _read_label_set(sample_files, job.ref_file, ref_geo, "diffusion sample")
+        entry["samples"] = _sample_entry(samples, ref, job.labels, None if valid is None else ~valid)
+        if job.rater_files:
             for r in job.rater_files:
                 if not r.is_file():
                     raise UserInputError(
                         f"rater annotation of case {job.case_id} not found", path=r,
                         fix="check dataset.json's num_raters / rater_labels_folder or --raters-folder",
                     )
-            samples = _read_label_set(sample_files, job.ref_file, ref_geo, "diffusion sample")
             raters = _read_label_set(job.rater_files, job.ref_file, ref_geo, "rater annotation")
+            terms = energy_distance_terms(samples, raters)
             entry["ambiguity"] = {
-                "GED": generalized_energy_distance(samples, raters),
+                "GED": terms["GED"],
                 "HM_IoU": hungarian_matched_iou(samples, raters),
+                "sample_diversity": terms["sample_diversity"],
+                "rater_diversity": terms["rater_diversity"],
+                "diversity_ratio": terms["diversity_ratio"],
+                **frequency_map_agreement(samples, raters),
                 "num_samples": len(sample_files),
                 "num_raters": len(job.rater_files),
             }
     return entry
+
+
+def _sample_entry(samples: np.ndarray, ref: np.ndarray, labels: Sequence[int], ignore: np.ndarray | None) -> dict[str, Any]:
+    """``{class: {Dice_single_sample, Dice_pairwise_samples}, "foreground_mean": ..., "num_samples": S}``.
+
+    The case's foreground mean skips classes absent from the case (NaN), as the class means
+    over cases skip such cases.
+    """
+    per_class: dict[str, Any] = sample_dice_scores(samples, ref, labels, ignore)
+    fg = [m for c, m in per_class.items() if c != "0"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=RuntimeWarning)  # all-NaN -> NaN, fine
+        per_class["foreground_mean"] = {
+            name: float(np.nanmean([m[name] for m in fg])) if fg else float("nan") for name in SAMPLE_METRICS
+        }
+    per_class["num_samples"] = int(samples.shape[0])
+    return per_class
 
 
 def _reference_values(ref_file: Path) -> np.ndarray:
@@ -284,6 +325,26 @@ def _extras_mean(per_case: list[dict], key: str, names: Sequence[str]) -> tuple[
         means[name] = float(finite.mean()) if finite.size else float("nan")
         counts[name] = int(finite.size)
     return means, counts
+
+
+def _samples_summary(per_case: list[dict], labels: Sequence[int]) -> dict[str, Any] | None:
+    """Means of the single-sample and pairwise Dice, laid out and averaged like ``mean`` / ``foreground_mean``.
+
+    Per class a ``nanmean`` over the cases that have samples; the foreground mean is the plain
+    mean of the per-class means over classes other than 0, as in
+    :func:`~latdiffunet.evaluation.metrics.aggregate`, so it compares with ``foreground_mean``.
+    """
+    entries = [c["samples"] for c in per_case if "samples" in c]
+    if not entries:
+        return None
+    mean: dict[str, dict[str, float]] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=RuntimeWarning)  # all-NaN slice -> NaN, fine
+        for c in (str(int(v)) for v in labels):
+            mean[c] = {name: float(np.nanmean([e[c][name] for e in entries])) for name in SAMPLE_METRICS}
+    fg = [k for k in mean if k != "0"]
+    foreground_mean = {name: float(np.mean([mean[k][name] for k in fg])) if fg else float("nan") for name in SAMPLE_METRICS}
+    return {"mean": mean, "foreground_mean": foreground_mean}
 
 
 def _check_labels(labels: Sequence[int], ignore_label: int | None) -> list[int]:
@@ -331,8 +392,9 @@ def evaluate_folder(
     num_processes : int
         Worker processes (fork) for reading and evaluating; 1 runs in this process.
     raters_folder : path, optional
-        Folder with ``CASE_rater{k}<ending>``; with ``CASE_samples/`` in ``pred`` this adds GED
-        and HM-IoU (cases with fewer than two raters are skipped).
+        Folder with ``CASE_rater{k}<ending>``; with ``CASE_samples/`` in ``pred`` this adds GED,
+        HM-IoU, the diversities and the frequency-map agreement (cases with fewer than two
+        raters are skipped).
     roi_margin : int
         Dilation in voxels of the union of reference and predicted foreground for ``ECE_roi``.
     allow_missing : bool
@@ -353,8 +415,9 @@ def evaluate_folder(
     -------
     dict
         ``metric_per_case``, ``mean``, ``foreground_mean``, ``labels``, ``num_cases``,
-        ``ignore_label``, ``missing_cases`` and, when measured, ``calibration_mean`` /
-        ``ambiguity_mean`` (with the number of contributing cases in ``*_num_cases``).
+        ``ignore_label``, ``missing_cases`` and, when measured, ``calibration_mean``,
+        ``ambiguity`` and ``samples`` (with the number of contributing cases in
+        ``calibration_num_cases``, ``ambiguity_num_cases``, ``samples_num_cases``).
     """
     ref_folder, pred_folder = Path(ref).absolute(), Path(pred).absolute()
     if not pred_folder.is_dir():
@@ -426,10 +489,19 @@ def evaluate_folder(
     summary["reference_folder"] = str(ref_folder)
     summary["prediction_folder"] = str(pred_folder)
     summary["file_ending"] = ending
-    for key, names in (("calibration", CALIBRATION_METRICS), ("ambiguity", AMBIGUITY_METRICS)):
-        means, counts = _extras_mean(per_case, key, names)
-        if means:
-            summary[f"{key}_mean"] = means
-            summary[f"{key}_num_cases"] = counts
+    means, counts = _extras_mean(per_case, "calibration", CALIBRATION_METRICS)
+    if means:
+        summary["calibration_mean"] = means
+        summary["calibration_num_cases"] = counts
+    means, counts = _extras_mean(per_case, "ambiguity", AMBIGUITY_METRICS)
+    if means:
+        # a ratio of means: cases where the raters (nearly) agree cannot blow it up
+        ratio = means["sample_diversity"] / means["rater_diversity"] if means["rater_diversity"] > 0 else float("nan")
+        summary["ambiguity"] = {**means, "diversity_ratio_of_means": ratio}
+        summary["ambiguity_num_cases"] = {**counts, "diversity_ratio_of_means": counts["rater_diversity"]}
+    samples = _samples_summary(per_case, labels)
+    if samples is not None:
+        summary["samples"] = samples
+        summary["samples_num_cases"] = sum("samples" in c for c in per_case)
     write_json(summary, output_file if output_file is not None else pred_folder / "summary.json")
     return summary

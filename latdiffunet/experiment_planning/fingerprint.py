@@ -4,6 +4,13 @@ Spacings and shapes decide the target spacing and patch size; foreground intensi
 normalisation; class frequencies decide the loss weights; and the sizes of the *smallest*
 structures decide how far the mask autoencoder may compress, because an object that shrinks below
 two latent voxels cannot be reconstructed from the latent.
+
+Object sizes are summarised per class twice: the plain 5th percentile over connected components
+(every component counts once, so a label littered with 1-3 voxel specks reports a speck), and the
+*volume-weighted* 5th percentile (every component counts with its voxel count: the extent of the
+objects that hold the smallest 5 % of the class's foreground voxels). Specks hold almost no voxels
+and barely move the weighted statistic, while a class whose objects are all small still reports
+them; the planner uses the weighted one.
 """
 
 from __future__ import annotations
@@ -23,12 +30,14 @@ INTENSITY_SAMPLES_PER_CASE = 10_000
 FINGERPRINT_VERSION = 1
 
 
-def _object_extents(seg: np.ndarray, label: int) -> list[list[int]]:
-    """Bounding-box extent (voxels per axis, array order) of each connected component of ``label``."""
+def _objects(seg: np.ndarray, label: int) -> list[tuple[list[int], int]]:
+    """``(extent, voxels)`` of each connected component of ``label``: its bounding-box extent (voxels
+    per axis, array order) and its voxel count."""
     components, n = ndimage.label(seg == label, structure=ndimage.generate_binary_structure(seg.ndim, seg.ndim))
     if n == 0:
         return []
-    return [[s.stop - s.start for s in box] for box in ndimage.find_objects(components)]
+    counts = np.bincount(components.ravel(), minlength=n + 1)[1:]
+    return [([s.stop - s.start for s in box], int(c)) for box, c in zip(ndimage.find_objects(components), counts)]
 
 
 def case_fingerprint(args: tuple[CaseFiles, list[int], int, list[int], int]) -> dict:
@@ -63,7 +72,7 @@ def case_fingerprint(args: tuple[CaseFiles, list[int], int, list[int], int]) -> 
         "shape_before_crop": list(shape_before),
         "shape_after_crop": list(data.shape[1:]),
         "class_voxels": {str(c): int((seg == c).sum()) for c in class_labels},
-        "object_extents": {str(c): _object_extents(seg, c) for c in class_labels if c != 0},
+        "_objects": {str(c): _objects(seg, c) for c in class_labels if c != 0},
         "_intensities": intensities,
         "_channel_minmax": [[float(c.min()), float(c.max())] for c in data],
         "_warnings": warnings,
@@ -87,22 +96,51 @@ def _intensity_statistics(values: np.ndarray, minmax: np.ndarray) -> dict:
     }
 
 
-def _size_summary(extents: list[tuple[list[int], np.ndarray]]) -> dict:
-    """Median and 5th percentile object extent per axis, in voxels and millimetres.
+def weighted_percentile(values: np.ndarray, weights: np.ndarray, q: float) -> np.ndarray:
+    """Per column of ``values`` (objects x axes): the smallest value whose objects, together with
+    all smaller ones, hold at least ``q`` % of the total weight (inverted-CDF definition, so the
+    result is always an observed extent)."""
+    values = np.asarray(values, dtype=float)
+    weights = np.asarray(weights, dtype=float)
+    out = []
+    for column in values.T:
+        order = np.argsort(column, kind="stable")
+        cumulative = np.cumsum(weights[order])
+        index = int(np.searchsorted(cumulative, q / 100.0 * cumulative[-1], side="left"))
+        out.append(column[order][min(index, len(column) - 1)])
+    return np.asarray(out)
 
+
+def _size_summary(objects: list[tuple[list[int], int, np.ndarray]]) -> dict:
+    """Median and 5th-percentile object extent per axis, in voxels and millimetres, plain and
+    volume-weighted, and how many components the weighting outweighs as specks.
+
+    ``objects`` holds ``(extent in voxels, voxel count, case spacing)`` per connected component.
     Extents are measured per object in that object's own case spacing, so the mm values are right
-    even when spacings vary between cases.
+    even when spacings vary between cases. A *speck* is a component whose bounding box (in mm^3) is
+    smaller than the box of the volume-weighted 5th percentile: the components the plain
+    percentile would have been decided by.
     """
-    if not extents:
-        return {"num_objects": 0}
-    vox = np.asarray([e for e, _ in extents], dtype=float)
-    mm = np.asarray([np.asarray(e) * s for e, s in extents], dtype=float)
+    if not objects:
+        return {"num_objects": 0, "num_voxels": 0}
+    vox = np.asarray([e for e, _, _ in objects], dtype=float)
+    voxels = np.asarray([n for _, n, _ in objects], dtype=float)
+    mm = np.asarray([np.asarray(e) * s for e, _, s in objects], dtype=float)
+    weighted_vox = weighted_percentile(vox, voxels, 5)
+    weighted_mm = weighted_percentile(mm, voxels, 5)
+    specks = np.prod(mm, axis=1) < np.prod(weighted_mm) * (1 - 1e-9)
     return {
         "num_objects": int(len(vox)),
+        "num_voxels": int(voxels.sum()),
         "median_extent_voxels": np.median(vox, axis=0).round(2).tolist(),
         "p05_extent_voxels": np.percentile(vox, 5, axis=0).round(2).tolist(),
         "median_extent_mm": np.median(mm, axis=0).round(3).tolist(),
         "p05_extent_mm": np.percentile(mm, 5, axis=0).round(3).tolist(),
+        "p05_volume_weighted_extent_voxels": weighted_vox.round(2).tolist(),
+        "p05_volume_weighted_extent_mm": weighted_mm.round(3).tolist(),
+        "num_specks": int(specks.sum()),
+        "specks_fraction_of_objects": round(float(specks.mean()), 4),
+        "specks_fraction_of_voxels": round(float(voxels[specks].sum() / voxels.sum()), 6),
     }
 
 
@@ -135,8 +173,8 @@ def extract_fingerprint(spec: DatasetSpec, num_processes: int = 2, seed: int = 1
     all_voxels = max(1, sum(total.values()))
     objects = {}
     for c in spec.foreground_labels:
-        extents = [(e, np.asarray(pc["spacing"])) for pc in per_case for e in pc["object_extents"][str(c)]]
-        objects[str(c)] = _size_summary(extents)
+        found = [(e, n, np.asarray(pc["spacing"])) for pc in per_case for e, n in pc["_objects"][str(c)]]
+        objects[str(c)] = _size_summary(found)
     shapes_after = np.asarray([pc["shape_after_crop"] for pc in per_case])
     shapes_before = np.asarray([pc["shape_before_crop"] for pc in per_case])
     return {
@@ -157,8 +195,8 @@ def extract_fingerprint(spec: DatasetSpec, num_processes: int = 2, seed: int = 1
         "class_voxel_frequency": {c: v / all_voxels for c, v in total.items()},
         "object_sizes_per_class": objects,
         "cases": [
-            {k: v for k, v in pc.items() if not k.startswith("_") and k != "object_extents"}
-            | {"num_objects": {c: len(v) for c, v in pc["object_extents"].items()}}
+            {k: v for k, v in pc.items() if not k.startswith("_")}
+            | {"num_objects": {c: len(v) for c, v in pc["_objects"].items()}}
             for pc in per_case
         ],
     }

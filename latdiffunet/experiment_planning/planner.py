@@ -3,8 +3,9 @@
 The planner needs no GPU: patch and batch size come from an analytic estimate of the training
 memory of the planned networks (``latdiffunet.networks.memory``), as nnU-Net does. What is new
 compared with nnU-Net is the *latent* plan: how far the mask autoencoder may downsample each axis
-is bounded by the smallest structures (5th-percentile object extent must still span at least two
-latent voxels), and the latent channel count keeps the compression ratio fixed.
+is bounded by the smallest structures that matter (the volume-weighted 5th-percentile object
+extent, which specks of a few voxels barely move, must still span at least two latent voxels), and
+the latent channel count keeps the compression ratio fixed.
 """
 
 from __future__ import annotations
@@ -104,21 +105,81 @@ def _median_shape_at_spacing(fingerprint: dict, target: list[float], axes: list[
     return np.maximum(1, np.round(np.median(resampled, axis=0)))
 
 
-def smallest_object_extent_voxels(fingerprint: dict, target: list[float], axes: list[int]) -> tuple[np.ndarray, str | None]:
-    """5th-percentile object extent (min over classes) in voxels at the target spacing."""
-    best = None
-    which = None
+WEIGHTED_STATISTIC = "p05_volume_weighted_extent_mm"
+PLAIN_STATISTIC = "p05_extent_mm"
+
+
+def smallest_object_extent_voxels(fingerprint: dict, target: list[float], axes: list[int]) -> tuple[np.ndarray, dict | None]:
+    """Extent of the smallest structures that matter (min over classes), in voxels at the target spacing.
+
+    Per class, the volume-weighted 5th percentile of the object extent (the objects that hold the
+    smallest 5 % of the class's foreground voxels): specks of a few voxels hold almost none of the
+    voxels, so they cannot veto compression, but a class whose objects are all small still limits
+    it. Fingerprints written before that statistic existed (no ``p05_volume_weighted_extent_mm``)
+    still plan, with the plain 5th percentile of the objects, and the plans say so; rerunning
+    ``latdiff_plan_and_preprocess --clean`` recomputes the fingerprint.
+
+    Returns the extent (``inf`` when no class has objects) and what decided it (``None`` then).
+    """
+    best, decided = None, None
     for label, summary in fingerprint["object_sizes_per_class"].items():
         if summary.get("num_objects", 0) == 0:
             continue
-        vox = np.asarray(summary["p05_extent_mm"], dtype=float)[axes] / np.asarray(target)[axes]
+        statistic = WEIGHTED_STATISTIC if WEIGHTED_STATISTIC in summary else PLAIN_STATISTIC
+        vox = np.asarray(summary[statistic], dtype=float)[axes] / np.asarray(target)[axes]
         if best is None or np.prod(vox) < np.prod(best):
-            best, which = vox, label
-    return (best if best is not None else np.full(len(axes), np.inf)), which
+            plain = np.asarray(summary.get(PLAIN_STATISTIC, summary[statistic]), dtype=float)[axes] / np.asarray(target)[axes]
+            best, decided = vox, {"class": label, "statistic": statistic, "summary": summary, "plain": plain}
+    return (best if best is not None else np.full(len(axes), np.inf)), decided
 
 
-def latent_downsampling(p05_vox: np.ndarray, patch: np.ndarray, latent_cfg: dict) -> tuple[list[int], list[str]]:
-    """Downsampling exponent per axis and, per axis, why it is what it is."""
+def describe_statistic(decided: dict | None) -> str:
+    """Short name of the deciding statistic, used in ``why_factor``."""
+    if decided is None:
+        return "5th-percentile object"
+    weighted = "volume-weighted " if decided["statistic"] == WEIGHTED_STATISTIC else ""
+    return f"{weighted}5th-percentile object of class {decided['class']}"
+
+
+def smallest_structure_record(decided: dict | None, extent: np.ndarray, factor: np.ndarray) -> dict:
+    """``latent.smallest_structure``: which statistic of which class decided, with its numbers."""
+    finite = bool(np.all(np.isfinite(extent)))
+    record = {
+        "class": None if decided is None else decided["class"],
+        "statistic": None if decided is None else decided["statistic"],
+        "extent_voxels": [round(float(x), 2) for x in extent] if finite else None,
+        "extent_latent_voxels": [round(float(x), 2) for x in extent / factor] if finite else None,
+    }
+    if decided is None:
+        record["statistic_why"] = "no foreground objects in the fingerprint: only the preset and the patch limit the factor"
+        return record
+    summary = decided["summary"]
+    record["unweighted_p05_extent_voxels"] = [round(float(x), 2) for x in decided["plain"]]
+    record["num_objects"] = summary.get("num_objects")
+    if decided["statistic"] == WEIGHTED_STATISTIC:
+        record["num_specks"] = summary.get("num_specks")
+        record["specks_fraction_of_voxels"] = summary.get("specks_fraction_of_voxels")
+        record["statistic_why"] = (
+            "volume-weighted 5th percentile of the class's object extents: the objects holding the smallest 5 % of its "
+            f"foreground voxels; {summary.get('num_specks')} of {summary.get('num_objects')} objects are smaller (specks), "
+            f"together {100 * summary.get('specks_fraction_of_voxels', 0):.2g} % of the voxels, so they cannot decide it"
+        )
+    else:
+        record["statistic_why"] = (
+            "plain 5th percentile of the object extents (every connected component counts once, specks included): "
+            "the fingerprint predates the volume-weighted statistic; rerun latdiff_plan_and_preprocess with --clean"
+        )
+    return record
+
+
+def latent_downsampling(
+    p05_vox: np.ndarray, patch: np.ndarray, latent_cfg: dict, what: str = "5th-percentile object"
+) -> tuple[list[int], list[str]]:
+    """Downsampling exponent per axis and, per axis, why it is what it is.
+
+    ``p05_vox`` is the extent (voxels per axis) of the smallest structure that matters; ``what``
+    names it in the reasons.
+    """
     max_k = int(math.log2(latent_cfg["max_downsampling_per_axis"]))
     need = latent_cfg["min_object_extent_in_latent_voxels"]
     ks, reasons = [], []
@@ -127,14 +188,13 @@ def latent_downsampling(p05_vox: np.ndarray, patch: np.ndarray, latent_cfg: dict
         while k < max_k and extent / 2 ** (k + 1) >= need and size / 2 ** (k + 1) >= latent_cfg["min_latent_edge"]:
             k += 1
         if k == max_k:
-            reasons.append(f"preset maximum x{2 ** k}")
+            spans = f" (the {what}, {extent:.1f} voxels, spans {extent / 2 ** k:.1f} latent voxels)" if np.isfinite(extent) else ""
+            reasons.append(f"preset maximum x{2 ** k}{spans}")
         elif extent / 2 ** (k + 1) < need:
             if k == 0:
-                reasons.append(
-                    f"no downsampling: the 5th-percentile object ({extent:.1f} voxels) would span < {need} latent voxels"
-                )
+                reasons.append(f"no downsampling: the {what} ({extent:.1f} voxels) would span < {need} latent voxels")
             else:
-                reasons.append(f"x{2 ** k}: 5th-percentile object of {extent:.1f} voxels keeps >= {need} latent voxels")
+                reasons.append(f"x{2 ** k}: the {what} ({extent:.1f} voxels) keeps >= {need} latent voxels")
         else:
             reasons.append(f"x{2 ** k}: limited by the patch edge ({int(size)} voxels)")
         ks.append(k)
@@ -226,7 +286,7 @@ def plan_configuration(fingerprint: dict, preset: dict, config_name: str, plans_
     else:
         spacing, spacing_reason = target_spacing_3d(fingerprint)
     median_shape = _median_shape_at_spacing(fingerprint, spacing, axes)
-    p05, smallest_class = smallest_object_extent_voxels(fingerprint, spacing, axes)
+    p05, decided = smallest_object_extent_voxels(fingerprint, spacing, axes)
     num_classes = len([v for k, v in fingerprint["labels"].items() if k != "ignore"])
     in_channels = fingerprint["num_channels"]
     latent_cfg, budget = preset["latent"], preset["gpu_memory_budget_gb"] * 1024**3
@@ -240,12 +300,15 @@ def plan_configuration(fingerprint: dict, preset: dict, config_name: str, plans_
         patch[int(np.argmax(mm))] = max(1, np.floor(patch[int(np.argmax(mm))] * 0.9))
     history = []
     while True:
-        ks, latent_reasons = latent_downsampling(p05, patch, latent_cfg)
+        ks, latent_reasons = latent_downsampling(p05, patch, latent_cfg, describe_statistic(decided))
         ks = cap_for_isotropy(ks, np.asarray(spacing)[axes], latent_reasons)
         factor = np.asarray([2**k for k in ks])
         den = denoiser_strides(np.ceil(patch / factor), levels, preset["networks"]["denoiser_min_edge"])
         divisor = factor * (np.prod(den, axis=0) if den else 1)
         patch = np.ceil(patch / divisor) * divisor
+        while np.prod(patch) > max_voxels and np.any(patch > divisor):  # rounding up broke the voxel cap
+            mm = np.where(patch > divisor, patch * np.asarray(spacing)[axes], -np.inf)
+            patch[int(np.argmax(mm))] -= divisor[int(np.argmax(mm))]
         latent_c, channels_reason = latent_channels(num_classes, factor, latent_cfg)
         net = network_config(len(axes), in_channels, num_classes, latent_c, strides_from_exponents(ks), den, preset)
         per_batch_min = estimate_training_memory_bytes(
@@ -269,7 +332,17 @@ def plan_configuration(fingerprint: dict, preset: dict, config_name: str, plans_
     if is_2d:  # a 2D batch element is one slice; the dataset holds sum(z) slices
         dataset_voxels = sum(np.prod(np.asarray(c["shape_after_crop"], float)) for c in fingerprint["cases"])
     by_dataset = int(bs_cfg["max_fraction_of_dataset_voxels"] * dataset_voxels / np.prod(patch))
-    batch = int(np.clip(min(by_memory, by_dataset, bs_cfg["max"]), bs_cfg["min"], None))
+    # nnU-Net's 5 % cap leaves a small dataset (32 images of 128x128) 1-3 images per batch; the
+    # floor lets it have a few more (at most a quarter of its images), if memory allows
+    num_images = int(sum(c["shape_after_crop"][0] for c in fingerprint["cases"])) if is_2d else len(fingerprint["cases"])
+    floor = min(bs_cfg["max"], bs_cfg.get("min_for_small_datasets", 0), num_images // 4)
+    batch = int(np.clip(min(by_memory, max(by_dataset, floor), bs_cfg["max"]), bs_cfg["min"], None))
+    batch_why = (
+        f"min(memory {by_memory}, preset max {bs_cfg['max']}, max(5 % of the dataset's voxels {by_dataset}, "
+        f"small-dataset floor {floor})), at least {bs_cfg['min']}; small-dataset floor = min(preset max, "
+        f"min_for_small_datasets {bs_cfg.get('min_for_small_datasets', 0)}, {num_images} {'slices' if is_2d else 'images'} "
+        "// 4), because nnU-Net's 5 % cap alone leaves a small dataset (32 images) 1-3 images per batch"
+    )
     class_labels = sorted(v for k, v in fingerprint["labels"].items() if k != "ignore")
     is_rgb = fingerprint["is_2d_dataset"] and in_channels == 3
     normalization = []
@@ -295,7 +368,9 @@ def plan_configuration(fingerprint: dict, preset: dict, config_name: str, plans_
             "estimated_bytes_per_extra_sample": int(per_sample),
             "batch_by_memory": by_memory,
             "batch_by_5_percent_of_dataset": by_dataset,
+            "batch_floor_for_small_datasets": floor,
             "batch_limits": [bs_cfg["min"], bs_cfg["max"]],
+            "batch_why": batch_why,
             "patch_search": history,
         },
         "normalization": normalization,
@@ -312,11 +387,7 @@ def plan_configuration(fingerprint: dict, preset: dict, config_name: str, plans_
             "channels": latent_c,
             "why_factor": latent_reasons,
             "why_channels": channels_reason,
-            "smallest_structure": {
-                "class": smallest_class,
-                "p05_extent_voxels": [round(float(x), 2) for x in p05] if np.all(np.isfinite(p05)) else None,
-                "p05_extent_latent_voxels": [round(float(x), 2) for x in p05 / factor] if np.all(np.isfinite(p05)) else None,
-            },
+            "smallest_structure": smallest_structure_record(decided, p05, factor),
         },
         "network": net,
         "diffusion": diffusion,

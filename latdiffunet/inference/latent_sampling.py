@@ -1,14 +1,25 @@
 """Window predictors: what to run on one batch of image patches.
 
 :func:`diffusion_window_predictor` wires a model to a sampler from ``latdiffunet.diffusion`` with
-a closure, so the sampler stays ignorant of the network. Each window's N samples run as one
-batch; each sample keeps one random latent (cDAL) for all its steps, so a sample is one coherent
-hypothesis rather than a fresh draw per step.
+a closure, so the sampler stays ignorant of the network. Each window's N samples run as one batch.
+
+**One sample is one hypothesis for the whole case.** With the deterministic DDIM sampler
+(``eta = 0``) a sample is a function of its starting noise ``x_T`` and its random latent (cDAL).
+Both are drawn once per case and sample (:class:`CaseNoise`): the random latent is one vector per
+sample, and ``x_T`` is one field on the latent grid of the whole (padded) case, from which every
+window crops the part under it. Overlapping windows of one sample therefore see the same noise
+where they overlap and stitch into one coherent mask instead of a mosaic of independent draws.
+The 2d configuration applied to a 3D volume uses one 2D noise field for all slices of a sample
+(the noise is constant along z), so neighbouring slices, whose images differ little, are asked
+the same question and answer alike: a sample is a stack of consistent slices, not of unrelated
+2D draws.
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -25,6 +36,109 @@ def autocast_for(device: torch.device, enabled: bool):
     return contextlib.nullcontext()
 
 
+@dataclass
+class CaseNoise:
+    """Starting noise of ``S`` samples for one case: ``x_T`` (S, Cz, *grid) and random latents (S, D).
+
+    ``grid`` is the latent grid of the padded case (``ceil(size / factor)`` per axis, in-plane only
+    for the 2d configuration). :meth:`crop` cuts the part under each window.
+    """
+
+    x_T: torch.Tensor
+    random_latent: torch.Tensor | None
+    factor: tuple[int, ...]
+
+    @classmethod
+    def draw(
+        cls,
+        num_samples: int,
+        latent_channels: int,
+        spatial_shape: Sequence[int],
+        factor: Sequence[int],
+        random_latent_dim: int,
+        generator: torch.Generator | None,
+        device: torch.device,
+    ) -> "CaseNoise":
+        grid = tuple(-(-int(s) // int(f)) for s, f in zip(spatial_shape, factor))
+        x_T = torch.randn((num_samples, latent_channels) + grid, generator=generator, device=device)
+        random_latent = None
+        if random_latent_dim > 0:
+            random_latent = torch.randn((num_samples, random_latent_dim), generator=generator, device=device)
+        return cls(x_T, random_latent, tuple(int(f) for f in factor))
+
+    def crop(self, starts: Sequence[Sequence[int]], latent_shape: Sequence[int]) -> torch.Tensor:
+        """``(len(starts) * S, Cz, *latent_shape)``: each window's samples, window-major."""
+        grid = self.x_T.shape[2:]
+        crops = []
+        for start in starts:
+            lo = [min(int(s) // f, g - l) for s, f, g, l in zip(start, self.factor, grid, latent_shape)]
+            crops.append(self.x_T[(slice(None), slice(None)) + tuple(slice(a, a + l) for a, l in zip(lo, latent_shape))])
+        return torch.cat(crops, 0)
+
+
+class DiffusionWindowPredictor:
+    """``(B, C, *P)`` images at window starts -> ``(B, S, K, *P)`` class probabilities of S samples.
+
+    Call :meth:`begin_case` with the padded spatial shape of a case before its windows (the
+    sliding window does this); without it every call draws fresh noise (a single patch).
+    """
+
+    def __init__(self, model: torch.nn.Module, diffusion: dict, num_samples: int, num_steps: int,
+                 generator: torch.Generator | None = None, eta: float | None = None, amp: bool = False,
+                 noise_scale: float | None = None):
+        self.model = model
+        # Scale of the starting noise and random latent (sampling temperature), calibrated on the
+        # fold's validation cases at the end of training (see training/validation.py).
+        self.noise_scale = float(diffusion.get("noise_scale", 1.0) if noise_scale is None else noise_scale)
+        self.diffusion = diffusion
+        self.schedule = schedule_from_plan(diffusion)
+        self.eta = float(diffusion.get("eta", 0.0) if eta is None else eta)
+        self.num_samples = num_samples
+        self.num_steps = num_steps
+        self.generator = generator
+        self.amp = amp
+        self.latent_channels = int(model.config["latent_channels"])
+        self.random_dim = int(model.config["denoiser"]["random_latent_dim"])
+        strides = model.config["strides"]
+        dim = int(model.config["dim"])
+        self.factor = tuple(int(torch.tensor([s[a] for s in strides] or [1]).prod()) for a in range(dim))
+        self.noise: CaseNoise | None = None
+
+    def begin_case(self, spatial_shape: Sequence[int], device: torch.device) -> None:
+        """Draw this case's noise; ``spatial_shape`` is the padded (Y, X) or (Z, Y, X) of the windows."""
+        self.noise = CaseNoise.draw(self.num_samples, self.latent_channels, spatial_shape, self.factor,
+                                    self.random_dim, self.generator, device)
+        self.noise.x_T.mul_(self.noise_scale)
+        if self.noise.random_latent is not None:
+            self.noise.random_latent.mul_(self.noise_scale)
+
+    def __call__(self, images: torch.Tensor, starts: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
+        b, s = images.shape[0], self.num_samples
+        with autocast_for(images.device, self.amp):
+            cond = self.model.condition(images).repeat_interleave(s, 0)
+        latent_shape = tuple(cond.shape[2:])
+        if self.noise is not None and starts is not None:
+            x_T = self.noise.crop(starts, latent_shape).to(images.device)
+            random_latent = None if self.noise.random_latent is None else self.noise.random_latent.repeat(b, 1)
+        else:
+            x_T = self.noise_scale * torch.randn((b * s, self.latent_channels) + latent_shape, generator=self.generator, device=images.device)
+            random_latent = None
+            if self.random_dim > 0:
+                random_latent = self.noise_scale * torch.randn((b * s, self.random_dim), generator=self.generator, device=images.device)
+
+        def denoise(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            with autocast_for(images.device, self.amp):
+                return self.model.denoise(z, t, cond, random_latent=random_latent).float()
+
+        z0 = ddim_sample(
+            denoise, self.schedule, x_T.shape, self.num_steps, self.diffusion["parameterization"], eta=self.eta,
+            generator=self.generator, device=images.device, x_T=x_T,
+        )
+        with autocast_for(images.device, self.amp):
+            probs = self.model.decode_latent(z0).float().softmax(1)
+        return probs.view(b, s, *probs.shape[1:])
+
+
 def diffusion_window_predictor(
     model: torch.nn.Module,
     diffusion: dict,
@@ -33,43 +147,16 @@ def diffusion_window_predictor(
     generator: torch.Generator | None = None,
     eta: float | None = None,
     amp: bool = False,
-):
-    """``(B, C, *P)`` images -> ``(B, S, K, *P)`` class probabilities of S diffusion samples."""
-    schedule = schedule_from_plan(diffusion)
-    eta = float(diffusion.get("eta", 0.0) if eta is None else eta)
-    latent_channels = int(model.config["latent_channels"])
-    random_dim = int(model.config["denoiser"]["random_latent_dim"])
-
-    def predict(images: torch.Tensor) -> torch.Tensor:
-        b = images.shape[0]
-        with autocast_for(images.device, amp):
-            cond = model.condition(images).repeat_interleave(num_samples, 0)
-        shape = (b * num_samples, latent_channels) + tuple(cond.shape[2:])
-        random_latent = None
-        if random_dim > 0:
-            random_latent = torch.randn(
-                (shape[0], random_dim), generator=generator, device=images.device
-            )
-
-        def denoise(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            with autocast_for(images.device, amp):
-                return model.denoise(z, t, cond, random_latent=random_latent).float()
-
-        z0 = ddim_sample(
-            denoise, schedule, shape, num_steps, diffusion["parameterization"], eta=eta,
-            generator=generator, device=images.device,
-        )
-        with autocast_for(images.device, amp):
-            probs = model.decode_latent(z0).float().softmax(1)
-        return probs.view(b, num_samples, *probs.shape[1:])
-
-    return predict
+    noise_scale: float | None = None,
+) -> DiffusionWindowPredictor:
+    """A :class:`DiffusionWindowPredictor` (kept as a function for existing callers)."""
+    return DiffusionWindowPredictor(model, diffusion, num_samples, num_steps, generator, eta, amp, noise_scale)
 
 
 def reconstruction_window_predictor(model: torch.nn.Module):
     """``(B, K, *P)`` one-hot masks -> ``(B, 1, K, *P)`` autoencoder reconstructions (via mu)."""
 
-    def predict(onehot: torch.Tensor) -> torch.Tensor:
+    def predict(onehot: torch.Tensor, starts=None) -> torch.Tensor:
         mu, _ = model.autoencoder.encode(onehot)
         return model.autoencoder.decode(mu).float().softmax(1)[:, None]
 

@@ -1,7 +1,7 @@
 """Predict a whole folder: sharding, skipping finished cases, I/O in worker processes.
 
 A case is finished when its segmentation file exists: it is written last, atomically, after the
-uncertainty maps, so a killed run is simply restarted and redoes only unfinished cases. Shards
+uncertainty maps, samples and pictures, so a killed run is simply restarted and redoes only unfinished cases. Shards
 (``num_parts``/``part_id``) take disjoint cases, so several processes or machines can write into
 one output folder without clobbering each other.
 """
@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import multiprocessing
 from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from latdiffunet.errors import UserInputError
-from latdiffunet.imageio.sitk_io import ImageGeometry, read_images_as_channels, write_image, write_segmentation
+from latdiffunet.imageio.sitk_io import ImageGeometry, read_images_as_channels, read_label, write_image, write_segmentation
 from latdiffunet.inference.export import labels_to_original, map_to_original, probabilities_to_original
 from latdiffunet.inference.predictor import LatentDiffusionPredictor, PredictionSettings
 from latdiffunet.inference.uncertainty import uncertainty_maps
@@ -47,7 +48,8 @@ def list_input_cases(folder: Path, spec: DatasetSpec) -> dict[str, list[Path]]:
 
 
 def _read_and_preprocess(args: tuple) -> tuple:
-    paths, num_channels, plans, configuration_name = args
+    """-> preprocessed data, properties, 2D thumbnail ``(C, Y, X)`` or None, original ``(C, Z, Y, X)`` if ``keep_image``."""
+    paths, num_channels, plans, configuration_name, keep_image = args
     from latdiffunet.preprocessing.preprocessor import preprocess_case
 
     data, geometry = read_images_as_channels(paths)
@@ -63,28 +65,77 @@ def _read_and_preprocess(args: tuple) -> tuple:
         )
     pre, _, props = preprocess_case(data, None, geometry, plans, configuration_name)
     thumbnail = data[:, data.shape[1] // 2] if geometry.dimension == 2 else None
-    return pre, props, thumbnail
+    return pre, props, thumbnail, (data if keep_image else None)
 
 
-def _export(args: tuple) -> str:
-    maps, props, label_values, out_base, ending, save_samples, save_probabilities, thumbnail = args
+@dataclass(frozen=True)
+class _ExportJob:
+    """Everything :func:`_export` needs for one case (pickled to a worker process)."""
+
+    maps: dict  # uncertainty_maps() output in preprocessed space; "sample_labels" only when samples are used
+    props: dict
+    label_values: tuple[int, ...]
+    out_base: Path  # output folder / case id
+    ending: str
+    save_samples: bool
+    save_probabilities: bool
+    thumbnail: np.ndarray | None  # (C, Y, X) of a 2D case: CASE_overlay.png
+    montage_image: np.ndarray | None = None  # (C, Z, Y, X) original image: CASE_montage.png
+    rater_files: tuple[Path, ...] = ()  # annotations drawn in the montage
+
+
+def _read_raters(files: tuple[Path, ...], geometry: ImageGeometry) -> list[np.ndarray]:
+    raters = []
+    for f in files:
+        arr, geo = read_label(f)
+        problems = geometry.matches(geo)
+        if problems:
+            raise UserInputError(
+                f"rater annotation does not match the image's geometry ({'; '.join(problems)})", path=f,
+                fix="give the rater label files of this case, in the geometry of its image",
+            )
+        raters.append(arr)
+    return raters
+
+
+def _export(job: _ExportJob) -> str:
+    maps, props, out_base = job.maps, job.props, job.out_base
+    label_values = np.asarray(job.label_values)
     geometry = ImageGeometry.from_dict(props["geometry"])
     probs = probabilities_to_original(maps["probabilities"], props)
-    seg = np.asarray(label_values)[probs.argmax(0)]
+    seg = label_values[probs.argmax(0)]
+    originals = {}
     for name in UNCERTAINTY_MAPS:
         fill = 1.0 if name == "agreement" else 0.0
-        write_image(map_to_original(maps[name], props, fill), geometry, f"{out_base}_{name}.nii.gz")
-    if save_probabilities:
+        originals[name] = map_to_original(maps[name], props, fill)
+        write_image(originals[name], geometry, f"{out_base}_{name}.nii.gz")
+    if job.save_probabilities:
         save_npz(f"{out_base}_probabilities.npz", probabilities=probs.astype(np.float16))
-    if save_samples:
+    montage = job.montage_image is not None
+    montage_samples = []
+    if job.save_samples or montage:
+        from latdiffunet.inference.montage import MAX_SAMPLES
+
+        sample_dtype = np.min_scalar_type(int(label_values.max()))
         for i, sample in enumerate(maps["sample_labels"]):
-            sample_seg = np.asarray(label_values)[labels_to_original(sample, props, list(range(len(label_values))))]
-            write_segmentation(sample_seg, geometry, Path(f"{out_base}_samples") / f"sample_{i:02d}{ending}")
-    if thumbnail is not None:
+            if not job.save_samples and i >= MAX_SAMPLES:
+                break
+            sample_seg = label_values[labels_to_original(sample, props, list(range(len(label_values))))]
+            if job.save_samples:
+                write_segmentation(sample_seg, geometry, Path(f"{out_base}_samples") / f"sample_{i:02d}{job.ending}")
+            if montage and i < MAX_SAMPLES:  # the montage draws the samples as saved
+                montage_samples.append(sample_seg.astype(sample_dtype))
+    if job.thumbnail is not None:
         from latdiffunet.inference.overlay import write_overlay
 
-        write_overlay(thumbnail, seg[0], map_to_original(maps["entropy"], props)[0], Path(f"{out_base}_overlay.png"))
-    write_segmentation(seg, geometry, f"{out_base}{ending}")  # last: marks the case as finished
+        write_overlay(job.thumbnail, seg[0], originals["entropy"][0], Path(f"{out_base}_overlay.png"))
+    if montage:
+        from latdiffunet.inference.montage import write_montage
+
+        raters = _read_raters(job.rater_files, geometry) if job.rater_files else None
+        write_montage(job.montage_image, seg, originals["entropy"], montage_samples, Path(f"{out_base}_montage.png"),
+                      raters=raters, labels=[int(v) for v in label_values if v != 0], spacing=geometry.spacing_zyx)
+    write_segmentation(seg, geometry, f"{out_base}{job.ending}")  # last: marks the case as finished
     return str(out_base)
 
 
@@ -98,8 +149,13 @@ def predict_folder(
     overwrite: bool = False,
     num_processes: int = 2,
     case_ids: list[str] | None = None,
+    rater_label_files: dict[str, list[Path]] | None = None,
 ) -> list[str]:
-    """Predict every (unfinished) case of this shard (or only ``case_ids``); returns those predicted."""
+    """Predict every (unfinished) case of this shard (or only ``case_ids``); returns those predicted.
+
+    ``rater_label_files`` maps a case id to its raters' label files (original geometry); with
+    ``settings.save_montage`` they are drawn in ``CASE_montage.png``, otherwise unused.
+    """
     if not 0 <= part_id < num_parts:
         raise UserInputError(f"--part_id must be in 0..{num_parts - 1}, got {part_id}", fix="number the shards 0 .. --num_parts - 1")
     cases = list_input_cases(input_folder, predictor.dataset_spec)
@@ -121,7 +177,8 @@ def predict_folder(
     if len(todo) < len(shard):
         print(f"{len(shard) - len(todo)} case(s) already predicted in {output_folder} (--overwrite redoes them)")
     num_channels = predictor.dataset_spec.num_channels
-    jobs = {c: (cases[c], num_channels, predictor.plans, predictor.configuration_name) for c in todo}
+    jobs = {c: (cases[c], num_channels, predictor.plans, predictor.configuration_name, settings.save_montage) for c in todo}
+    raters = rater_label_files or {}
     pool = ProcessPoolExecutor(num_processes, mp_context=multiprocessing.get_context("fork")) if num_processes > 0 else None
 
     def submit(fn, arg) -> Future:
@@ -135,14 +192,17 @@ def predict_folder(
         prefetch = {c: submit(_read_and_preprocess, jobs[c]) for c in todo[:2]}
         exports: list[Future] = []
         for i, case in enumerate(tqdm(todo, desc="predicting", dynamic_ncols=True)):
-            data, props, thumbnail = prefetch.pop(case).result()
+            data, props, thumbnail, image = prefetch.pop(case).result()
             if i + 2 < len(todo):
                 prefetch[todo[i + 2]] = submit(_read_and_preprocess, jobs[todo[i + 2]])
             maps = uncertainty_maps(predictor.sample_probabilities(data, settings))
-            if not settings.save_samples:
+            if not (settings.save_samples or settings.save_montage):
                 maps.pop("sample_labels")
-            exports.append(submit(_export, (maps, props, predictor.label_values, output_folder / case, ending,
-                                            settings.save_samples, settings.save_probabilities, thumbnail)))
+            exports.append(submit(_export, _ExportJob(
+                maps, props, tuple(predictor.label_values), output_folder / case, ending, settings.save_samples,
+                settings.save_probabilities, thumbnail, montage_image=image,
+                rater_files=tuple(Path(f) for f in raters.get(case, ())) if settings.save_montage else (),
+            )))
             while sum(not f.done() for f in exports) > 2:  # bound memory held by pending exports
                 next(f for f in exports if not f.done()).result()
         for f in exports:

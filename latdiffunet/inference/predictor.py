@@ -32,6 +32,7 @@ class PredictionSettings:
     seed: int = 0
     save_samples: bool = False
     save_probabilities: bool = False
+    save_montage: bool = False  # CASE_montage.png: image, raters when known, mean, entropy, samples
     windows_per_batch: int = 8
     amp: bool = True
 

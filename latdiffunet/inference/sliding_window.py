@@ -15,7 +15,10 @@ import numpy as np
 import torch
 from scipy.ndimage import gaussian_filter
 
-WindowPredictor = Callable[[torch.Tensor], torch.Tensor]  # (B, C, *P) -> (B, S, K, *P) probabilities
+# (B, C, *P) patches + their spatial starts in the padded case -> (B, S, K, *P) probabilities.
+# A predictor with a ``begin_case(spatial_shape, device)`` method is told the padded case shape first
+# (diffusion predictors draw one noise field per sample for the whole case there).
+WindowPredictor = Callable[[torch.Tensor, list], torch.Tensor]
 
 
 def window_starts(size: int, patch: int, step_fraction: float) -> list[int]:
@@ -61,6 +64,10 @@ def sliding_window_predict(
     else:
         windows = list(itertools.product(*starts))
 
+    begin_case = getattr(predictor, "begin_case", None)
+    if begin_case is not None:
+        begin_case(tuple(vol.shape[2:] if dim == 2 else vol.shape[1:]), device)
+
     def slicer(w):
         if dim == 2:
             return (w[0], slice(w[1], w[1] + patch_size[0]), slice(w[2], w[2] + patch_size[1]))
@@ -70,7 +77,8 @@ def sliding_window_predict(
         batch_windows = windows[i : i + windows_per_batch]
         patches = np.stack([vol[(slice(None),) + slicer(w)] for w in batch_windows])
         with torch.no_grad():
-            probs = predictor(torch.from_numpy(patches).to(device)).float().cpu().numpy()
+            origins = [tuple(w[1:]) if dim == 2 else tuple(w) for w in batch_windows]  # 2d: in-plane, shared by slices
+            probs = predictor(torch.from_numpy(patches).to(device), origins).float().cpu().numpy()
         for w, p in zip(batch_windows, probs):
             sl = slicer(w)
             out[(slice(None), slice(None)) + sl] += p * importance
