@@ -20,7 +20,6 @@ mean against the consensus label, Dice of one sample, and prediction time per im
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import time

@@ -7,49 +7,28 @@ changes, this test fails until the references are regenerated *on purpose* with
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, shared_dataset
+from conftest import assert_reference_plans, load_converter, module_folders, shared_dataset
 
 pytestmark = [pytest.mark.slow, pytest.mark.realdata]
 DATASET = "Dataset004_Hippocampus"
 VOLATILE_KEYS = {"generated_by"}
 
 
-def _load_converter():
-    spec = importlib.util.spec_from_file_location("convert_hippocampus", REPO_ROOT / "dataset_conversion" / "convert_hippocampus.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     source = shared_dataset("Hippocampus")
-    root = tmp_path_factory.mktemp("hippo")
-    env = {"LATDIFF_RAW": root / "raw", "LATDIFF_PREPROCESSED": root / "pre", "LATDIFF_RESULTS": root / "res"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update({k: str(v) for k, v in env.items()})
-    try:
-        _load_converter().convert(source, env["LATDIFF_RAW"])
+    with module_folders(tmp_path_factory.mktemp("hippo")) as env:
+        load_converter("convert_hippocampus").convert(source, env["LATDIFF_RAW"])
         from latdiffunet.experiment_planning.cli import main
 
         for preset in ("default", "tiny"):
             assert main(["-d", "4", "--verify_dataset_integrity", "--preset", preset, "-np", "2"]) == 0
         yield env
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def test_outputs_exist_and_are_consistent(prepared):
@@ -75,16 +54,7 @@ def test_outputs_exist_and_are_consistent(prepared):
 @pytest.mark.parametrize("plans_name", ["latdiffPlans", "latdiffPlans_tiny"])
 def test_reference_plans_unchanged(prepared, plans_name):
     produced = json.loads((prepared["LATDIFF_PREPROCESSED"] / DATASET / f"{plans_name}.json").read_text())
-    produced = {k: v for k, v in produced.items() if k not in VOLATILE_KEYS}
-    reference_file = REPO_ROOT / "plans" / "reference" / DATASET / f"{plans_name}.json"
-    if os.environ.get("LATDIFF_UPDATE_REFERENCE_PLANS") == "1":
-        reference_file.parent.mkdir(parents=True, exist_ok=True)
-        reference_file.write_text(json.dumps(produced, indent=2) + "\n")
-    reference = json.loads(reference_file.read_text())
-    assert json.loads(json.dumps(produced)) == reference, (
-        f"the planner's output for {DATASET} changed; if intended, regenerate {reference_file} with "
-        "LATDIFF_UPDATE_REFERENCE_PLANS=1"
-    )
+    assert_reference_plans(produced, DATASET, plans_name, tuple(VOLATILE_KEYS))
 
 
 def test_predictions_match_input_geometry_on_real_validation_cases(prepared, tmp_path):

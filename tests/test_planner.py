@@ -8,15 +8,12 @@ The last test (slow, real data) guards the reference plans of the shared 2D mult
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, shared_dataset
+from conftest import assert_reference_plans, load_converter, module_folders, shared_dataset
 from latdiffunet.errors import UserInputError
 from latdiffunet.experiment_planning.fingerprint import _objects, _size_summary, weighted_percentile
 from latdiffunet.experiment_planning.planner import (
@@ -245,36 +242,18 @@ REFERENCE_2D = {  # dataset -> (converter, shared folder, dataset id)
 }
 
 
-def _load_converter(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "dataset_conversion" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module", params=sorted(REFERENCE_2D))
 def planned_2d(request, tmp_path_factory):
     dataset = request.param
     converter, folder, dataset_id = REFERENCE_2D[dataset]
     source = shared_dataset(folder)
-    root = tmp_path_factory.mktemp(dataset)
-    env = {"LATDIFF_RAW": root / "raw", "LATDIFF_PREPROCESSED": root / "pre", "LATDIFF_RESULTS": root / "res"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update({k: str(v) for k, v in env.items()})
-    try:
-        _load_converter(converter).convert(source, env["LATDIFF_RAW"])
+    with module_folders(tmp_path_factory.mktemp(dataset)) as env:
+        load_converter(converter).convert(source, env["LATDIFF_RAW"])
         from latdiffunet.experiment_planning.cli import main
 
         for preset in ("default", "tiny"):
             assert main(["-d", dataset_id, "--preset", preset, "-np", "2", "--no_preprocess"]) == 0
         yield dataset, env["LATDIFF_PREPROCESSED"] / dataset
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.mark.slow
@@ -283,15 +262,6 @@ def planned_2d(request, tmp_path_factory):
 def test_reference_plans_unchanged_2d_datasets(planned_2d, plans_name):
     dataset, out = planned_2d
     produced = json.loads((out / f"{plans_name}.json").read_text())
-    produced.pop("generated_by", None)
-    reference_file = REPO_ROOT / "plans" / "reference" / dataset / f"{plans_name}.json"
-    if os.environ.get("LATDIFF_UPDATE_REFERENCE_PLANS") == "1":
-        reference_file.parent.mkdir(parents=True, exist_ok=True)
-        reference_file.write_text(json.dumps(produced, indent=2) + "\n")
-    reference = json.loads(reference_file.read_text())
-    assert json.loads(json.dumps(produced)) == reference, (
-        f"the planner's output for {dataset} changed; if intended, regenerate {reference_file} with "
-        "LATDIFF_UPDATE_REFERENCE_PLANS=1 pytest tests/test_planner.py -k reference"
-    )
+    assert_reference_plans(produced, dataset, plans_name)
     cfg = produced["configurations"]["2d"]  # the latent is compressed (the issue: specks chose 1x1)
     assert min(cfg["latent"]["downsampling_factor"]) >= 4

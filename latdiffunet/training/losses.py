@@ -42,19 +42,33 @@ def segmentation_loss(
 
 
 
-def soft_jaccard_distance(a: torch.Tensor, b: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+def soft_jaccard_distance(a: torch.Tensor, b: torch.Tensor, smooth: float = 1.0, roi_only: bool = True) -> torch.Tensor:
     """Soergel distance ``1 - sum(min) / sum(max)`` per foreground class, averaged over classes.
 
     ``a``, ``b``: ``(N, K, *S)`` class probabilities or one-hot masks (broadcastable); returns
-    ``(N,)``. On binary masks it is exactly GED's ``1 - IoU``, and on non-negative maps it is still
-    a metric, which keeps the energy score built on it a proper scoring rule. ``smooth`` (voxels)
-    gives two empty masks distance 0, as GED's d(∅, ∅) = 0.
+    ``(N,)``. On binary masks it is exactly GED's ``1 - IoU``. ``smooth`` (voxels) gives two empty
+    masks distance 0, as GED's d(∅, ∅) = 0.
+
+    ``roi_only`` sums only over the voxels that either argmax mask calls this class: a sample the
+    user sees is the argmax of its probabilities, and over a whole 128 x 128 slice the faint
+    probability every background voxel keeps would otherwise outweigh a nodule (the first LIDC run
+    scoring whole soft maps sat at a sample-to-label distance of 0.73 and a spread of 0.71 after 18
+    diffusion epochs; Hippocampus, 56 x 40 patches: 0.26 and 0.23). Inside that region the
+    probabilities keep their exact gradient, so a mask still grows or shrinks at its border.
     """
     a, b = a[:, 1:], b[:, 1:]
     spatial = tuple(range(2, a.ndim))
-    inter = torch.minimum(a, b).sum(spatial)
-    union = torch.maximum(a, b).sum(spatial)
-    return (1 - (inter + smooth) / (union + smooth)).mean(1)
+    inter, union = torch.minimum(a, b), torch.maximum(a, b)
+    if roi_only:
+        k = a.shape[1] + 1
+
+        def is_argmax(x: torch.Tensor) -> torch.Tensor:  # x without background: argmax over all classes
+            full = torch.cat([1 - x.sum(1, keepdim=True), x], 1)
+            return F.one_hot(full.argmax(1), k).movedim(-1, 1)[:, 1:].bool()
+
+        roi = (is_argmax(a.detach()) | is_argmax(b.detach())).to(a.dtype)
+        inter, union = inter * roi, union * roi
+    return (1 - (inter.sum(spatial) + smooth) / (union.sum(spatial) + smooth)).mean(1)
 
 
 def energy_score_loss(sample_probs: torch.Tensor, target_onehot: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
@@ -68,7 +82,10 @@ def energy_score_loss(sample_probs: torch.Tensor, target_onehot: torch.Tensor) -
     annotations are. On single-rater data that means every sample close to the label (no spread
     where the image is clear); on multi-rater data it means samples that spread like the raters.
     Plain cross-entropy on each sample would instead pull every sample to the rater mean. The
-    unbiased estimator averages the M*(M-1) ordered pairs of distinct samples.
+    unbiased estimator averages the M*(M-1) ordered pairs of distinct samples. (Scoring the argmax
+    masks with a straight-through gradient was tried on LIDC: the spread collapsed from 0.70 to
+    0.04 while the loss rose from 0.39 to 0.67, the tie gradients of min/max at the many voxels
+    both masks leave empty pointing nowhere useful.)
     """
     n, m = sample_probs.shape[:2]
     if m < 2:

@@ -390,14 +390,15 @@ class LatentDiffusionTrainer:
         """Pick the sampling temperature on the periodic validation cases and store it in ``checkpoint``.
 
         Each scale in ``NOISE_SCALES`` samples the fold's first ``validation_cases`` validation
-        cases (the ones that already select the checkpoint; never test data) and
+        cases (the ones that already select the checkpoint; never test data), or its first 5 % when
+        that is more (LIDC: 50 slices rather than 10, since one slice says little), and
         :func:`choose_noise_scale` picks one. The table is written to
         ``sampling_calibration.json``; the scale goes into the checkpoint's ``diffusion`` settings,
         which prediction reads.
         """
         state = load_checkpoint(checkpoint, self.device)
         self.ema.load_state_dict(state["ema"])
-        cases = self.val_cases[: self.config.validation_cases]
+        cases = self.val_cases[: max(self.config.validation_cases, math.ceil(0.05 * len(self.val_cases)))]
         samples = self.config.validation_samples or self.configuration["inference"]["num_samples"]
         rows = noise_scale_table(self.ema, self.data_folder, cases, self.configuration, self.device, max(samples, 2),
                                  seed=self.config.seed)
