@@ -8,6 +8,7 @@ evaluator (``latdiff_evaluate``) for every row:
 
 * ``latdiffunet, N samples``: the trained fold, N diffusion samples per image;
 * ``latdiffunet, 1 sample``: the same model, one sample (the deterministic baseline);
+* ``--noise-scales 1 0.5 ...``: the N-sample row at other sampling temperatures than the calibrated one;
 * ``empty mask``: predicts nothing (on LIDC many raters see no nodule, so this is a real bar);
 * ``nnU-Net (majority vote)``: with ``--nnunet-predictions``, a folder of nnU-Net segmentations of
   the same cases (trained on the majority-vote labels); one mask, used as every sample.
@@ -83,6 +84,8 @@ def main() -> None:
     p.add_argument("-f", "--fold", default="0")
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--noise-scales", type=float, nargs="+", default=[None],
+                   help="sampling temperatures to report (default: the calibrated one stored in the checkpoint)")
     p.add_argument("--max-cases", type=int, default=None, help="first N validation cases (sorted), for a quick look")
     p.add_argument("--nnunet-predictions", default=None, help="folder of nnU-Net segmentations of the validation cases")
     p.add_argument("-o", "--output", default=None, help="default: <run folder>/ambiguity_fold<k>")
@@ -113,13 +116,16 @@ def main() -> None:
     print(f"{name}: fold {args.fold}, {len(cases)} validation cases, {steps} steps, device {device}")
 
     rows = []
-    for n in (args.samples, 1):
-        folder = out / f"latdiffunet_{n}_samples"
-        settings = PredictionSettings(num_samples=n, steps=steps, seed=0, save_samples=True)
+    runs = [(args.samples, scale) for scale in args.noise_scales] + [(1, None)]
+    for n, scale in runs:
+        tag = "calibrated" if scale is None else f"scale {scale:g}"
+        folder = out / f"latdiffunet_{n}_samples_{tag.replace(' ', '')}"
+        settings = PredictionSettings(num_samples=n, steps=steps, seed=0, save_samples=True, noise_scale=scale)
         start = time.time()
         predict_folder(images, folder, predictor, settings, overwrite=True, num_processes=2, case_ids=cases)
         seconds = (time.time() - start) / len(cases)
-        rows.append(_row(f"latdiffunet, {n} sample{'s' if n > 1 else ''}", _evaluate(spec.folder / "labelsTr", folder, spec, cases), seconds))
+        label = f"latdiffunet, {n} sample{'s' if n > 1 else ''}" + (f", noise {tag}" if n > 1 else "")
+        rows.append(_row(label, _evaluate(spec.folder / "labelsTr", folder, spec, cases), seconds))
     baselines = [("empty mask", None)]
     if args.nnunet_predictions:
         baselines.append(("nnU-Net (majority vote), 1 mask", Path(args.nnunet_predictions)))

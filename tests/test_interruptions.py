@@ -260,7 +260,7 @@ def test_killed_prediction_reruns_to_the_same_outputs(planned, tmp_path, monkeyp
     set_folders(monkeypatch, env)
     make_untrained_run(env["res"], env["pre"], NAME, "2d")
     inputs = tmp_path / "imagesTs"
-    num_cases = 10
+    num_cases = 24  # at least 12 left when killed: more than can finish within the 0.2 s delay
     make_synthetic_dataset(tmp_path / "ts", name=NAME, num_cases=num_cases, seed=5)
     (tmp_path / "ts" / NAME / "imagesTr").rename(inputs)
     images = sorted(inputs.glob("*_0000.nii.gz"))
@@ -270,7 +270,7 @@ def test_killed_prediction_reruns_to_the_same_outputs(planned, tmp_path, monkeyp
     log = tmp_path / "predict.log"
     proc = start_stage("inference.cli", args + ["-np", "1"], env, log)  # with a pool worker writing outputs
     # the random moment: after a random number of finished cases, plus a random part of a case's time
-    count, delay = rng.randint(1, num_cases - 3), rng.uniform(0.0, 0.2)
+    count, delay = rng.randint(1, num_cases // 2), rng.uniform(0.0, 0.2)
     killed = kill_after(proc, lambda: len(list(out.glob("synth_*[0-9].nii.gz"))) >= count, delay)
     if not killed:
         pytest.fail(f"prediction finished (or failed) before it could be killed:\n{log_text(log)}")

@@ -33,6 +33,7 @@ class PredictionSettings:
     save_samples: bool = False
     save_probabilities: bool = False
     save_montage: bool = False  # CASE_montage.png: image, raters when known, mean, entropy, samples
+    noise_scale: float | None = None  # sampling temperature; None: each fold's calibrated value
     windows_per_batch: int = 8
     amp: bool = True
 
@@ -69,6 +70,7 @@ class LatentDiffusionPredictor:
         self.configuration = self.plans["configurations"][self.configuration_name]
         self.device = device
         self.models: list[torch.nn.Module] = []
+        self.diffusions: list[dict] = []
         self.checkpoints: list[str] = []
         for fold in folds:
             path = choose_checkpoint(run_folder / f"fold_{fold}", checkpoint)
@@ -77,7 +79,7 @@ class LatentDiffusionPredictor:
             model.load_state_dict(state["ema"])
             self.models.append(model)
             self.checkpoints.append(str(path))
-            self.diffusion = state["diffusion"]  # variants may differ from the plans (e.g. v-prediction)
+            self.diffusions.append(state["diffusion"])  # per fold: variants and calibrated temperatures differ
         self.label_values = self.dataset_spec.class_labels
 
     @property
@@ -92,11 +94,11 @@ class LatentDiffusionPredictor:
     def sample_probabilities(self, data: np.ndarray, settings: PredictionSettings) -> np.ndarray:
         """``(F * S, K, *preprocessed)`` sampled class probabilities of all folds."""
         stacks = []
-        for i, model in enumerate(self.models):
+        for i, (model, diffusion) in enumerate(zip(self.models, self.diffusions)):
             generator = torch.Generator(device=self.device).manual_seed(settings.seed + 1000 * i)
             predictor = diffusion_window_predictor(
-                model, self.diffusion, settings.num_samples, settings.steps, generator,
-                amp=settings.amp and self.device.type == "cuda",
+                model, diffusion, settings.num_samples, settings.steps, generator,
+                amp=settings.amp and self.device.type == "cuda", noise_scale=settings.noise_scale,
             )
             stacks.append(
                 sliding_window_predict(

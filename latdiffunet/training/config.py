@@ -32,9 +32,10 @@ class TrainerConfig:
     decoded_class_weights: bool = False  # class-weighted CE on the decoded prediction (biases towards over-segmentation)
     dice_weight: float = 1.0
     # The decoded x0-estimate is supervised only where abar_t >= this (0: at every noise level).
-    # At high noise the x0-estimate can only be a posterior mean; supervising it there still pays:
-    # the sampler's first steps decode it, and a run with 0.5 (SNR >= 1 only) on Hippocampus 2d
-    # reached a periodic validation Dice of 0.10 after 5 diffusion epochs (see the README).
+    # At high noise the x0-estimate can only be a posterior mean, but the sampler's first steps
+    # decode it. The one run with 0.5 (SNR >= 1 only) on Hippocampus 2d, which also had the sample
+    # loss from the start, was at 0.10 periodic validation Dice after 5 diffusion epochs (0.70 with
+    # the defaults): the two changes were not separated.
     decoded_loss_min_signal: float = 0.0
     # Energy score of sampled masks (the few-step sampler inference runs) against the (randomly
     # chosen rater's) label: trains single samples to be plausible masks and their spread to match
