@@ -18,7 +18,7 @@ import torch
 
 from latdiffunet.evaluation.ambiguity import hungarian_matched_iou
 from latdiffunet.experiment_planning.cli import main as plan_main
-from latdiffunet.inference.latent_sampling import diffusion_window_predictor
+from latdiffunet.inference.latent_sampling import DiffusionWindowPredictor
 from latdiffunet.inference.sliding_window import sliding_window_predict
 from latdiffunet.training.config import TrainerConfig
 from latdiffunet.training.data_loading import load_preprocessed_case
@@ -71,7 +71,7 @@ def two_mode_dataset(tmp_path_factory):
 
 def _sample_masks(model, plans_cfg, case, num_samples: int, seed: int) -> np.ndarray:
     gen = torch.Generator().manual_seed(seed)
-    predictor = diffusion_window_predictor(model, plans_cfg["diffusion"], num_samples, plans_cfg["inference"]["sampling_steps"], gen)
+    predictor = DiffusionWindowPredictor(model, plans_cfg["diffusion"], num_samples, plans_cfg["inference"]["sampling_steps"], gen)
     probs = sliding_window_predict(case["data"], plans_cfg["patch_size"], predictor, num_samples, 2, torch.device("cpu"))
     return probs.argmax(1)[:, 0]  # (S, Y, X)
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from latdiffunet.inference.latent_sampling import CaseNoise, diffusion_window_predictor
+from latdiffunet.inference.latent_sampling import CaseNoise, DiffusionWindowPredictor
 from latdiffunet.inference.sliding_window import sliding_window_predict
 
 DIFFUSION = {"schedule": "cosine", "training_steps": 1000, "parameterization": "x0", "eta": 0.0}
@@ -44,7 +44,7 @@ class NoiseEchoSegmenter(nn.Module):
 def _predict(volume, patch, samples=4, seed=0, dim=2, factor=4):
     model = NoiseEchoSegmenter(dim, factor)
     gen = torch.Generator().manual_seed(seed)
-    predictor = diffusion_window_predictor(model, DIFFUSION, samples, 2, gen)
+    predictor = DiffusionWindowPredictor(model, DIFFUSION, samples, 2, gen)
     return sliding_window_predict(volume, patch, predictor, samples, 2, torch.device("cpu"), windows_per_batch=3)
 
 

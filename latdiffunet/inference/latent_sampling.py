@@ -1,6 +1,6 @@
 """Window predictors: what to run on one batch of image patches.
 
-:func:`diffusion_window_predictor` wires a model to a sampler from ``latdiffunet.diffusion`` with
+:class:`DiffusionWindowPredictor` wires a model to a sampler from ``latdiffunet.diffusion`` with
 a closure, so the sampler stays ignorant of the network. Each window's N samples run as one batch.
 
 **One sample is one hypothesis for the whole case.** With the deterministic DDIM sampler
@@ -18,6 +18,7 @@ the same question and answer alike: a sample is a stack of consistent slices, no
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -58,12 +59,13 @@ class CaseNoise:
         random_latent_dim: int,
         generator: torch.Generator | None,
         device: torch.device,
+        scale: float = 1.0,
     ) -> "CaseNoise":
         grid = tuple(-(-int(s) // int(f)) for s, f in zip(spatial_shape, factor))
-        x_T = torch.randn((num_samples, latent_channels) + grid, generator=generator, device=device)
+        x_T = scale * torch.randn((num_samples, latent_channels) + grid, generator=generator, device=device)
         random_latent = None
         if random_latent_dim > 0:
-            random_latent = torch.randn((num_samples, random_latent_dim), generator=generator, device=device)
+            random_latent = scale * torch.randn((num_samples, random_latent_dim), generator=generator, device=device)
         return cls(x_T, random_latent, tuple(int(f) for f in factor))
 
     def crop(self, starts: Sequence[Sequence[int]], latent_shape: Sequence[int]) -> torch.Tensor:
@@ -101,16 +103,13 @@ class DiffusionWindowPredictor:
         self.random_dim = int(model.config["denoiser"]["random_latent_dim"])
         strides = model.config["strides"]
         dim = int(model.config["dim"])
-        self.factor = tuple(int(torch.tensor([s[a] for s in strides] or [1]).prod()) for a in range(dim))
+        self.factor = tuple(math.prod(s[axis] for s in strides) for axis in range(dim))  # image voxels per latent voxel
         self.noise: CaseNoise | None = None
 
     def begin_case(self, spatial_shape: Sequence[int], device: torch.device) -> None:
         """Draw this case's noise; ``spatial_shape`` is the padded (Y, X) or (Z, Y, X) of the windows."""
         self.noise = CaseNoise.draw(self.num_samples, self.latent_channels, spatial_shape, self.factor,
-                                    self.random_dim, self.generator, device)
-        self.noise.x_T.mul_(self.noise_scale)
-        if self.noise.random_latent is not None:
-            self.noise.random_latent.mul_(self.noise_scale)
+                                    self.random_dim, self.generator, device, self.noise_scale)
 
     def __call__(self, images: torch.Tensor, starts: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
         b, s = images.shape[0], self.num_samples
@@ -120,11 +119,10 @@ class DiffusionWindowPredictor:
         if self.noise is not None and starts is not None:
             x_T = self.noise.crop(starts, latent_shape).to(images.device)
             random_latent = None if self.noise.random_latent is None else self.noise.random_latent.repeat(b, 1)
-        else:
-            x_T = self.noise_scale * torch.randn((b * s, self.latent_channels) + latent_shape, generator=self.generator, device=images.device)
-            random_latent = None
-            if self.random_dim > 0:
-                random_latent = self.noise_scale * torch.randn((b * s, self.random_dim), generator=self.generator, device=images.device)
+        else:  # a lone patch: fresh noise for every sample of every image
+            fresh = CaseNoise.draw(b * s, self.latent_channels, latent_shape, (1,) * len(latent_shape), self.random_dim,
+                                   self.generator, images.device, self.noise_scale)
+            x_T, random_latent = fresh.x_T, fresh.random_latent
 
         def denoise(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             with autocast_for(images.device, self.amp):
@@ -137,20 +135,6 @@ class DiffusionWindowPredictor:
         with autocast_for(images.device, self.amp):
             probs = self.model.decode_latent(z0).float().softmax(1)
         return probs.view(b, s, *probs.shape[1:])
-
-
-def diffusion_window_predictor(
-    model: torch.nn.Module,
-    diffusion: dict,
-    num_samples: int,
-    num_steps: int,
-    generator: torch.Generator | None = None,
-    eta: float | None = None,
-    amp: bool = False,
-    noise_scale: float | None = None,
-) -> DiffusionWindowPredictor:
-    """A :class:`DiffusionWindowPredictor` (kept as a function for existing callers)."""
-    return DiffusionWindowPredictor(model, diffusion, num_samples, num_steps, generator, eta, amp, noise_scale)
 
 
 def reconstruction_window_predictor(model: torch.nn.Module):

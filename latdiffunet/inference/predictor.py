@@ -16,7 +16,7 @@ import torch
 from latdiffunet.errors import UserInputError
 from latdiffunet.experiment_planning.planner import load_plans
 from latdiffunet.imageio.sitk_io import ImageGeometry
-from latdiffunet.inference.latent_sampling import diffusion_window_predictor
+from latdiffunet.inference.latent_sampling import DiffusionWindowPredictor
 from latdiffunet.inference.sliding_window import sliding_window_predict
 from latdiffunet.networks import build_model
 from latdiffunet.preprocessing.preprocessor import preprocess_case
@@ -96,7 +96,7 @@ class LatentDiffusionPredictor:
         stacks = []
         for i, (model, diffusion) in enumerate(zip(self.models, self.diffusions)):
             generator = torch.Generator(device=self.device).manual_seed(settings.seed + 1000 * i)
-            predictor = diffusion_window_predictor(
+            predictor = DiffusionWindowPredictor(
                 model, diffusion, settings.num_samples, settings.steps, generator,
                 amp=settings.amp and self.device.type == "cuda", noise_scale=settings.noise_scale,
             )

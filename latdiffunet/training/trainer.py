@@ -19,7 +19,6 @@ Hippocampus run over-segmented (validation FP 3x FN) and Dice already balances t
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import time
 from pathlib import Path
@@ -30,19 +29,17 @@ from tqdm import tqdm
 
 from latdiffunet.diffusion import ddim_sample, predict_x0_and_eps, training_target
 from latdiffunet.errors import UserInputError
-from latdiffunet.evaluation.evaluate_folder import evaluate_folder
-from latdiffunet.inference.predict_folder import predict_folder
 from latdiffunet.inference.predictor import LatentDiffusionPredictor, PredictionSettings
 from latdiffunet.inference.latent_sampling import autocast_for, schedule_from_plan
 from latdiffunet.networks import build_model, kl_divergence
 from latdiffunet.training.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from latdiffunet.training.config import TrainerConfig
+from latdiffunet.training.final_validation import validate_in_original_geometry
 from latdiffunet.training.logger import TrainingLogger
 from latdiffunet.training.losses import energy_score_loss, one_hot, segmentation_loss
-from latdiffunet.training.validation import choose_noise_scale, evaluate_model_on_cases, noise_scale_table
-
-
-MONTAGE_CASES = 8  # final validation draws montages of this many validation cases
+from latdiffunet.training.sampling_calibration import choose_noise_scale, noise_scale_table, store_noise_scale
+from latdiffunet.training.validation import evaluate_model_on_cases
+from latdiffunet.utilities.file_io import load_json, write_json
 
 
 class LatentDiffusionTrainer:
@@ -189,8 +186,10 @@ class LatentDiffusionTrainer:
         loss = self.config.latent_loss_weight * latent_loss
         parts = {"latent_loss": latent_loss.item()}
 
-        readable = (alpha.flatten() ** 2 >= self.config.decoded_loss_min_signal).nonzero().flatten()
-        if self.config.decoded_supervision_weight > 0 and readable.numel() > 0:
+        readable = slice(None)  # every noise level (the default): no copies of the batch
+        if self.config.decoded_loss_min_signal > 0:
+            readable = (alpha.flatten() ** 2 >= self.config.decoded_loss_min_signal).nonzero().flatten()
+        if self.config.decoded_supervision_weight > 0 and seg[readable].shape[0] > 0:
             x0_hat, _ = predict_x0_and_eps(self.parameterization, output[readable], z_t[readable], alpha[readable], sigma[readable])
             weights = self.class_weights if self.config.decoded_class_weights else None
             decoded_loss, seg_parts = segmentation_loss(self.model.decode_latent(x0_hat), seg[readable], weights, self.config.dice_weight)
@@ -397,76 +396,33 @@ class LatentDiffusionTrainer:
         ``sampling_calibration.json``; the scale goes into the checkpoint's ``diffusion`` settings,
         which prediction reads.
         """
-        state = load_checkpoint(checkpoint, self.device)
-        self.ema.load_state_dict(state["ema"])
+        self.ema.load_state_dict(load_checkpoint(checkpoint, self.device)["ema"])
         cases = self.val_cases[: max(self.config.validation_cases, math.ceil(0.05 * len(self.val_cases)))]
-        samples = self.config.validation_samples or self.configuration["inference"]["num_samples"]
-        rows = noise_scale_table(self.ema, self.data_folder, cases, self.configuration, self.device, max(samples, 2),
+        samples = max(self.config.validation_samples or self.configuration["inference"]["num_samples"], 2)
+        rows = noise_scale_table(self.ema, self.data_folder, cases, self.configuration, self.device, samples,
                                  seed=self.config.seed)
-        scale, criterion = choose_noise_scale(rows, multi_rater=self._has_raters(cases))
+        multi_rater = load_json(self.preprocessed_dataset_folder / "dataset.json", "dataset.json").get("num_raters", 1) > 1
+        scale, criterion = choose_noise_scale(rows, multi_rater)
         self.logger.write_json("sampling_calibration.json", {
             "chosen_noise_scale": scale, "criterion": criterion,
-            "cases": cases, "checkpoint": checkpoint.name, "num_samples": max(samples, 2), "table": rows,
+            "cases": cases, "checkpoint": checkpoint.name, "num_samples": samples, "table": rows,
         })
         self.logger.log("sampling temperature on %d validation cases: " % len(cases) + "; ".join(
             f"scale {r['noise_scale']:g}: GED {r['GED']:.4f}, Dice one sample {r['Dice_single_sample']:.4f}, "
             f"mean {r['Dice_of_mean']:.4f}" for r in rows) + f" -> {scale:g}")
-        state["diffusion"] = dict(state["diffusion"]) | {"noise_scale": scale}
-        save_checkpoint(state, checkpoint)
-        final = self.output_folder / "checkpoint_final.pth"
-        if final.is_file() and final != checkpoint:
-            final_state = load_checkpoint(final, self.device)
-            final_state["diffusion"] = dict(final_state["diffusion"]) | {"noise_scale": scale}
-            save_checkpoint(final_state, final)
+        store_noise_scale([checkpoint, self.output_folder / "checkpoint_final.pth"], scale, self.device)
         self.configuration["diffusion"]["noise_scale"] = scale
         return scale
 
-    def _has_raters(self, cases: list[str]) -> bool:
-        from latdiffunet.training.data_loading import load_preprocessed_case
-
-        return bool(cases) and load_preprocessed_case(self.data_folder, cases[0])["seg_raters"] is not None
-
     def _validate_in_original_geometry(self, checkpoint: Path, raw: Path) -> dict:
-        """Predict the fold's validation cases from the raw images and score them as users would.
-
-        Samples are always saved, so the summary holds the Dice of one sample next to the Dice of
-        the mean; for a multi-rater dataset it also holds GED, HM-IoU and the sample and rater
-        diversities. Montages (image, raters, mean, entropy, samples) of the first
-        ``MONTAGE_CASES`` cases go to ``validation_montages/``.
-        """
         predictor = LatentDiffusionPredictor(self.output_folder.parent, [str(self.fold)], self.device, checkpoint.name)
         inference = self.configuration["inference"]
         settings = PredictionSettings(
             num_samples=self.config.validation_samples or inference["num_samples"], steps=inference["sampling_steps"],
             seed=self.config.seed, save_probabilities=True, save_samples=True,
         )
-        spec = predictor.dataset_spec
-        raters_folder = raw / spec.rater_labels_folder if spec.num_raters > 1 and spec.rater_labels_folder else None
-        out = self.output_folder / "validation"
-        num_processes = min(2, self.config.num_workers)
-        start = time.time()
-        predict_folder(raw / "imagesTr", out, predictor, settings, overwrite=True, num_processes=num_processes,
-                       case_ids=self.val_cases)
-        prediction_seconds = time.time() - start
-        dataset_json = predictor.dataset_json
-        labels = [v for k, v in dataset_json["labels"].items() if k not in ("background", "ignore")]
-        summary = evaluate_folder(
-            raw / "labelsTr", out, labels, ignore_label=dataset_json["labels"].get("ignore"),
-            num_processes=min(2, max(self.config.num_workers, 1)), case_ids=self.val_cases, progress=False,
-            raters_folder=raters_folder, num_raters=spec.num_raters if raters_folder else None,
-        )
-        summary["space"] = "original geometry (latdiff_predict + latdiff_evaluate)"
-        summary["prediction_seconds"] = round(prediction_seconds, 1)
-        summary["prediction_seconds_per_case"] = round(prediction_seconds / max(len(self.val_cases), 1), 3)
-        summary["prediction_settings"] = {"num_samples": settings.num_samples, "steps": settings.steps}
-        montage_cases = sorted(self.val_cases)[:MONTAGE_CASES]
-        raters = None
-        if raters_folder is not None:
-            raters = {c: [raters_folder / f"{c}_rater{k}{spec.file_ending}" for k in range(spec.num_raters)] for c in montage_cases}
-        predict_folder(raw / "imagesTr", self.output_folder / "validation_montages", predictor,
-                       dataclasses.replace(settings, save_montage=True, save_probabilities=False, save_samples=False),
-                       overwrite=True, num_processes=num_processes, case_ids=montage_cases, rater_label_files=raters)
-        return summary
+        return validate_in_original_geometry(predictor, settings, raw, self.val_cases, self.output_folder,
+                                             num_processes=min(2, self.config.num_workers))
 
     def _fit_epochs_to_budget(self, stage: str, epoch_time: float) -> None:
         """Rescale the remaining epochs so the run (and its final validation) fits the budget.
@@ -493,8 +449,6 @@ class LatentDiffusionTrainer:
 
     def _write_run_files(self) -> None:
         """plans.json + dataset.json beside the folds: prediction needs nothing else."""
-        from latdiffunet.utilities.file_io import load_json, write_json
-
         run = self.output_folder.parent
         write_json(self.plans, run / "plans.json")
         write_json(load_json(self.preprocessed_dataset_folder / "dataset.json", "dataset.json"), run / "dataset.json")

@@ -1,0 +1,116 @@
+"""Sampling temperature: how far apart the samples of a trained model should be, chosen on validation cases.
+
+The starting noise (and random latent) of every sample is scaled by a temperature. At the end of
+training :func:`calibrate_noise_scale` scores a few temperatures on the fold's validation cases
+(never test data), picks one with :func:`choose_noise_scale` and stores it in the checkpoints,
+where prediction reads it (``diffusion["noise_scale"]``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from latdiffunet.inference.latent_sampling import DiffusionWindowPredictor
+from latdiffunet.inference.sliding_window import sliding_window_predict
+from latdiffunet.training.checkpoint import load_checkpoint, save_checkpoint
+from latdiffunet.training.data_loading import load_preprocessed_case
+from latdiffunet.training.validation import foreground_dice
+
+
+NOISE_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def _class_masks(labels: np.ndarray, classes: list[int]) -> list[np.ndarray]:
+    """Per foreground class, a stack of binary masks (one per sample or rater)."""
+    return [(labels == c) for c in classes]
+
+
+@torch.no_grad()
+def noise_scale_table(
+    model: torch.nn.Module,
+    folder: Path,
+    case_ids: list[str],
+    configuration: dict,
+    device: torch.device,
+    num_samples: int,
+    scales: tuple[float, ...] = NOISE_SCALES,
+    seed: int = 0,
+) -> list[dict]:
+    """GED, Dice of one sample and Dice of the mean for each sampling temperature (noise scale).
+
+    The temperature scales the starting noise and the random latent of every sample. GED
+    (d = 1 - IoU per foreground class, averaged over classes, against every rater when the case has
+    several, else against its label) is a proper score of the *set* of samples: it rewards samples
+    that are each close to an annotation and penalises spread the annotations do not show, so the
+    scale that minimises it is the one whose spread is honest. Scale 0 makes every sample the same
+    (a deterministic segmenter); 1 is the distribution the model was trained to sample.
+    """
+    from latdiffunet.evaluation.ambiguity import generalized_energy_distance
+
+    model.eval()
+    num_classes = int(configuration["network"]["num_classes"])
+    labels = list(range(num_classes))
+    steps = configuration["inference"]["sampling_steps"]
+    cases = [load_preprocessed_case(folder, c) for c in case_ids]
+    rows = []
+    for scale in scales:
+        generator = torch.Generator(device=device).manual_seed(seed)
+        predictor = DiffusionWindowPredictor(model, configuration["diffusion"], num_samples, steps, generator,
+                                               noise_scale=scale)
+        ged, single, mean = [], [], []
+        for case in cases:
+            probs = sliding_window_predict(case["data"], configuration["patch_size"], predictor, num_samples, num_classes,
+                                           device, windows_per_batch=max(1, 32 // num_samples))
+            samples = probs.argmax(1)
+            annotations = case["seg_raters"] if case["seg_raters"] is not None else case["seg"][None]
+            per_class = [generalized_energy_distance(s, a) for s, a in
+                         zip(_class_masks(samples, labels[1:]), _class_masks(annotations, labels[1:]))]
+            ged.append(float(np.mean(per_class)))
+            for pred, out in ((probs.mean(0).argmax(0), mean), *((s, single) for s in samples)):
+                dice = foreground_dice(pred, case["seg"], num_classes)
+                if dice is not None:
+                    out.append(dice)
+        rows.append({
+            "noise_scale": scale, "GED": float(np.mean(ged)),
+            "Dice_single_sample": float(np.mean(single)) if single else float("nan"),
+            "Dice_of_mean": float(np.mean(mean)) if mean else float("nan"),
+        })
+    return rows
+
+
+SINGLE_SAMPLE_TOLERANCE = 0.01
+
+
+def choose_noise_scale(rows: list[dict], multi_rater: bool, tolerance: float = SINGLE_SAMPLE_TOLERANCE) -> tuple[float, str]:
+    """The sampling temperature to use, and why, from a :func:`noise_scale_table`.
+
+    With several raters per image their disagreement is observed, and GED measures whether the
+    samples spread as they do: the lowest GED wins. With one annotation per image the experts'
+    disagreement is not observed, so the data cannot say how much spread is honest (GED against a
+    single mask keeps rewarding spread the model is unsure about); what the product promises
+    there is that every sample is a segmentation as good as the consensus. The largest scale whose
+    Dice of one sample is within ``tolerance`` of the best Dice of the mean wins: as much diversity
+    as the samples can carry without any of them being worse than the mean.
+    """
+    if multi_rater:
+        best = min(rows, key=lambda r: r["GED"])
+        return float(best["noise_scale"]), "several raters: lowest GED (d = 1 - IoU) of the samples against the raters"
+    target = max(r["Dice_of_mean"] for r in rows)
+    ok = [r for r in rows if r["Dice_single_sample"] >= target - tolerance]
+    best = max(ok, key=lambda r: r["noise_scale"]) if ok else max(rows, key=lambda r: r["Dice_single_sample"])
+    return float(best["noise_scale"]), (
+        f"one annotation per image: largest scale whose Dice of one sample is within {tolerance} of the best "
+        f"Dice of the mean ({target:.4f})"
+    )
+
+
+def store_noise_scale(checkpoints: list[Path], scale: float, device: torch.device) -> None:
+    """Write ``scale`` into the ``diffusion`` settings of each existing checkpoint (atomically)."""
+    for path in dict.fromkeys(checkpoints):
+        if path.is_file():
+            state = load_checkpoint(path, device)
+            state["diffusion"] = dict(state["diffusion"]) | {"noise_scale": scale}
+            save_checkpoint(state, path)
