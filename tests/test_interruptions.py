@@ -90,6 +90,21 @@ def kill_after(proc: subprocess.Popen, marker: Callable[[], bool], delay: float,
     return True
 
 
+def _arrays_written_since(out: Path, started_ns: int) -> int:
+    """Final preprocessed arrays written after ``started_ns``; hidden temporary files are renamed
+    away while we look, so they are skipped and a file that vanishes between listing and stat
+    does not count."""
+    count = 0
+    for p in out.glob("latdiffPlans_tiny_*/*.npz"):
+        if p.name.startswith("."):
+            continue
+        try:
+            count += p.stat().st_mtime_ns > started_ns
+        except FileNotFoundError:
+            pass
+    return count
+
+
 def assert_no_partial_files(*roots: Path) -> list[Path]:
     """Every file under a final name is complete; returns the leftover temporary files."""
     temporary = []
@@ -169,7 +184,7 @@ def test_killed_plan_and_preprocess_reruns_to_complete_outputs(tmp_path, monkeyp
         # the random moment: after a random number of the 2 x 30 preprocessed arrays, plus a random delay
         count = rng.randint(1, 40)
         delay = rng.uniform(0.0, 0.05)
-        marker = lambda: sum(p.stat().st_mtime_ns > started for p in out.glob("latdiffPlans_tiny_*/*.npz")) >= count  # noqa: E731
+        marker = lambda: _arrays_written_since(out, started) >= count  # noqa: E731
         was_killed = kill_after(proc, marker, delay)
         killed += was_killed
         moments.append(f"attempt {attempt}: killed={was_killed} after {count} arrays + {delay:.3f} s")
