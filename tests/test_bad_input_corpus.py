@@ -18,8 +18,8 @@ Some "defects" are legitimate inputs and must work; their test ids start with ``
 
 Notes on the choices:
 
-* NaN/inf: SimpleITK's NIfTI reader turns NaN into 0, so a NaN in a ``.nii.gz`` cannot be seen by
-  anyone; the NaN/inf cases use ``.mha`` / ``.nrrd`` datasets, whose readers keep them.
+* NaN/inf: SimpleITK's NIfTI reader turns NaN and inf into 0, so they are looked for in the voxel
+  bytes of float ``.nii`` / ``.nii.gz`` files; ``.mha`` / ``.nrrd`` readers keep them in the array.
 * Duplicate case names: on Linux two files can only collide by name when they differ in case
   (``synth_001`` vs ``SYNTH_001``, which are one file on macOS/Windows and whose outputs would
   overwrite each other there) or when the same case is present under two endings
@@ -213,6 +213,16 @@ def d_inf_in_image(f):
     return ["synth_001_0000.nrrd", "inf"]
 
 
+def d_nan_in_image_nifti(f):
+    rewrite(img_path(f, 1), _set(np.nan))
+    return ["synth_001_0000.nii.gz", "NaN"]
+
+
+def d_inf_in_image_nii(f):
+    rewrite(img_path(f, 1, ending=".nii"), _set(np.inf), dtype=np.float64)
+    return ["synth_001_0000.nii", "inf"]
+
+
 def d_nan_in_label(f):
     rewrite(lab_path(f, 1, ".mha"), _set(np.nan), dtype=np.float32)
     return ["synth_001.mha", "NaN"]
@@ -370,6 +380,9 @@ PLAN_DEFECTS = [
     Defect("nan-in-image-mha", d_nan_in_image, dataset=MHA),
     Defect("nan-in-image-mha-verify", d_nan_in_image, verify=True, dataset=MHA),
     Defect("inf-in-image-nrrd", d_inf_in_image, dataset=NRRD),
+    Defect("nan-in-image-nii-gz", d_nan_in_image_nifti),
+    Defect("nan-in-image-nii-gz-verify", d_nan_in_image_nifti, verify=True),
+    Defect("inf-in-image-nii-float64", d_inf_in_image_nii, dataset={"file_ending": ".nii"}),
     Defect("nan-in-label-mha", d_nan_in_label, dataset=MHA),
     Defect("4d-image", d_image_4d),
     Defect("4d-image-verify", d_image_4d, verify=True),
@@ -776,3 +789,37 @@ def test_accepted_predict_non_ascii_spaces_and_symlinked_input(planned, tmp_path
         np.testing.assert_allclose(seg.GetOrigin(), ref.GetOrigin(), atol=1e-6)
         assert set(np.unique(sitk.GetArrayFromImage(seg)).tolist()) <= {0, 1, 2}
         assert (out / f"{case}_entropy.nii.gz").is_file()
+
+
+@pytest.mark.parametrize("workers", ["0", "2"], ids=["in-process", "worker-pool"])
+def test_predict_writes_every_good_case_and_reports_each_bad_one(workers, planned, tmp_path, capsys):
+    """500 cases and one bad file should give 499 segmentations and one message naming the file."""
+    inp, out = tmp_path / "input", tmp_path / "output"
+    inp.mkdir()
+    for case, source in (("caseA", 0), ("caseC", 2), ("caseE", 3)):
+        shutil.copy(_source(planned, source), inp / f"{case}_0000.nii.gz")
+    data = _source(planned, 1).read_bytes()
+    (inp / "caseB_0000.nii.gz").write_bytes(data[: len(data) // 3])
+    shutil.copy(_source(planned, 4), inp / "caseD_0000.nii.gz")
+    rewrite(inp / "caseD_0000.nii.gz", _set(np.nan))  # read as 0 by SimpleITK, so only the bytes tell
+    argv = ["-i", str(inp), "-o", str(out)] + PREDICT_ARGS + ["-np", workers]
+    code, _, err = run_cli(predict_main, argv, capsys)
+    assert_user_error(code, err, ["2 case(s) could not be predicted", "caseB_0000.nii.gz", "truncated", "caseD_0000.nii.gz", "NaN"])
+    assert sorted(p.name for p in out.glob("case?.nii.gz")) == ["caseA.nii.gz", "caseC.nii.gz", "caseE.nii.gz"]
+    (inp / "caseB_0000.nii.gz").unlink()
+    (inp / "caseD_0000.nii.gz").unlink()
+    code, out_text, err = run_cli(predict_main, argv, capsys)  # fixed: the rerun finds nothing left to do
+    assert_success(code, err)
+    assert "3 case(s) already predicted" in out_text
+
+
+@pytest.mark.parametrize("inside", [False, True], ids=["output-is-a-file", "output-inside-a-file"])
+def test_predict_refuses_output_that_is_a_file(inside, planned, tmp_path, capsys):
+    inp, notes = tmp_path / "input", tmp_path / "notes.txt"
+    inp.mkdir()
+    shutil.copy(_source(planned), inp / "caseA_0000.nii.gz")
+    notes.write_text("keep me")
+    out = notes / "pred" if inside else notes
+    code, _, err = run_cli(predict_main, ["-i", str(inp), "-o", str(out)] + PREDICT_ARGS, capsys)
+    assert_user_error(code, err, [f"{notes}: is a file, not a folder", "-o"])
+    assert notes.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["input", "notes.txt"]

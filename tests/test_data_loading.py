@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import pytest
 
@@ -190,6 +192,30 @@ def test_multithreaded_stream(folder):
     finally:
         close_batch_stream(stream)
     assert not stream._processes and not stream.was_initialized
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_same_seeds_same_augmented_batches(folder, num_workers):
+    """A stream is a function of its seeds. Gaussian noise and blur draw from Python's ``random``,
+    whose state differs in every process: it must neither leak into the batches nor be changed."""
+
+    def batches(python_seed: int) -> list[np.ndarray]:
+        random.seed(python_seed)
+        patch = (16, 16)
+        loader = PatchDataLoader(folder, CASES_3D, patch, 4, 2, seed=11, initial_patch_size=initial_patch_size(patch, 30, SCALE_RANGE))
+        transforms = build_transforms(2, patch)
+        for t in transforms.transforms:
+            if type(t).__name__ in ("GaussianNoiseTransform", "GaussianBlurTransform"):
+                t.p_per_sample = 1.0
+        stream = make_batch_stream(loader, transforms, num_workers=num_workers, seed=11)
+        try:
+            return [next(stream)["data"] for _ in range(3)]
+        finally:
+            close_batch_stream(stream)
+
+    first, second = batches(1), batches(2)
+    assert all(np.array_equal(a, b) for a, b in zip(first, second))
+    assert random.getstate() == random.Random(2).getstate()  # the caller's `random` has not moved
 
 
 def test_finite_loader_covers_every_case_once(folder):

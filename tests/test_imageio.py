@@ -217,6 +217,28 @@ def test_truncated_uncompressed_nifti_refused(tmp_path):
     assert "cut.nii" in str(info.value)
 
 
+@pytest.mark.parametrize("ending", [".nii.gz", ".nii"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nan_and_inf_in_nifti_refused_although_the_reader_hides_them(tmp_path, monkeypatch, ending, dtype):
+    monkeypatch.setattr(sitk_io, "_SCAN_CHUNK_BYTES", 64)  # many chunks: a value on a chunk border counts once
+    image = np.random.default_rng(5).normal(size=(1, 5, 6, 7)).astype(dtype)
+    image[0, 0, 0, 0], image[0, 1, 2, 3], image[0, 4, 5, 6] = -np.inf, np.nan, np.inf
+    path = tmp_path / f"scan{ending}"
+    write_image(image, GEOMETRY_3D, path)
+    assert np.isfinite(sitk.GetArrayFromImage(sitk.ReadImage(str(path)))).all()  # SimpleITK reads them as 0
+    with pytest.raises(UserInputError, match=r"3 voxel\(s\) are NaN or inf") as info:
+        read_image(path)
+    assert info.value.path == str(path) and info.value.fix
+
+
+def test_integer_nifti_is_not_decompressed_a_second_time(tmp_path, monkeypatch):
+    """Only float voxels can be NaN: an integer .nii.gz is checked by its gzip trailer alone."""
+    path = tmp_path / "scan.nii.gz"
+    write_image(np.arange(210, dtype=np.int16).reshape(1, 5, 6, 7), GEOMETRY_3D, path)
+    monkeypatch.setattr(sitk_io, "_scan_nifti", lambda *args: pytest.fail("integer voxels were scanned"))
+    assert read_image(path)[0].max() == 209
+
+
 @pytest.mark.parametrize("ending", [".nrrd", ".mha"])
 def test_truncated_other_formats_refused(tmp_path, ending):
     path = tmp_path / f"cut{ending}"

@@ -37,7 +37,7 @@ from test_predict import make_untrained_run
 from latdiffunet.experiment_planning.cli import main as plan_main
 from latdiffunet.imageio.sitk_io import read_image
 from latdiffunet.inference.cli import main as predict_main
-from latdiffunet.training.checkpoint import load_checkpoint
+from latdiffunet.utilities.checkpoint import load_checkpoint
 from latdiffunet.training.cli import main as train_main
 from latdiffunet.utilities.file_io import load_npz
 

@@ -8,15 +8,18 @@ The last test (slow, real data) guards the reference plans of the shared 2D mult
 
 from __future__ import annotations
 
+import configparser
 import json
+import os
 
 import numpy as np
 import pytest
 
-from conftest import assert_reference_plans, load_converter, module_folders, shared_dataset
+from conftest import REPO_ROOT, assert_reference_plans, load_converter, module_folders, shared_dataset
 from latdiffunet.errors import UserInputError
 from latdiffunet.experiment_planning.fingerprint import _objects, _size_summary, weighted_percentile
 from latdiffunet.experiment_planning.planner import (
+    PRESETS,
     cap_for_isotropy,
     class_weights,
     latent_downsampling,
@@ -72,7 +75,10 @@ def test_latent_factor_respects_smallest_structure():
     assert ks == [2, 0, 3]  # 9/4 >= 2 but 9/8 < 2; 3/2 < 2; 40 -> preset max 8
     assert "no downsampling" in reasons[1]
     capped = cap_for_isotropy(ks, np.array([1.0, 1.0, 1.0]), reasons)
-    assert capped == [0, 0, 0] or max(capped) - min(capped) <= 1
+    # isotropic voxels: the axis that may not be downsampled (1 mm latent voxels) caps the others,
+    # since 2 or 8 mm would be over 1.5x coarser
+    assert capped == [0, 0, 0]
+    assert [r.startswith("x1: capped") for r in reasons] == [True, False, True]
     assert strides_from_exponents([1, 2]) == [[1, 2], [2, 2]]
 
 
@@ -128,6 +134,22 @@ def test_2d_dataset_gets_only_2d_and_rgb_normalisation():
 def test_unknown_preset_is_a_user_error():
     with pytest.raises(UserInputError, match="unknown preset"):
         load_preset("nonexistent")
+
+
+def test_presets_have_one_source_shipped_as_package_data():
+    """The planner reads the presets in the package, setup.cfg ships exactly those, and no second
+    copy exists in the repository to drift from them (``plans/presets`` used to be one)."""
+    folder = REPO_ROOT / "latdiffunet" / "experiment_planning" / "presets"
+    files = sorted(folder.glob("*.json"))
+    assert [f.stem for f in files] == sorted(PRESETS)
+    for f in files:
+        assert load_preset(f.stem) == json.loads(f.read_text())
+    setup = configparser.ConfigParser()
+    setup.read(REPO_ROOT / "setup.cfg")
+    shipped = setup["options.package_data"]["latdiffunet.experiment_planning"].split()
+    assert [f for f in files if not any(f.relative_to(folder.parent).match(g) for g in shipped)] == []
+    copies = [p for top in ("plans", "latdiffunet") for p in (REPO_ROOT / top).glob("**/presets") if p != folder]
+    assert copies == [] and not os.path.lexists(REPO_ROOT / "plans" / "presets")
 
 
 # ------------------------------------------------------------------------------------------------

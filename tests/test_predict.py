@@ -23,13 +23,20 @@ from latdiffunet.inference.cli import main as predict_main
 from latdiffunet.inference.predict_folder import predict_folder
 from latdiffunet.inference.predictor import LatentDiffusionPredictor, PredictionSettings
 from latdiffunet.networks import build_model
-from latdiffunet.training.checkpoint import save_checkpoint
+from latdiffunet.utilities.checkpoint import save_checkpoint
 
 RUN = "LatentDiffusionTrainer__latdiffPlans_tiny__{}"
 
 
-def make_untrained_run(results: Path, preprocessed: Path, dataset: str, configuration: str, folds=(0,)) -> Path:
-    """A results folder laid out like latdiff_train's, holding untrained weights."""
+def make_untrained_run(results: Path, preprocessed: Path, dataset: str, configuration: str, folds=(0,),
+                       noise_dependent: bool = False) -> Path:
+    """A results folder laid out like latdiff_train's, holding untrained weights.
+
+    The untrained denoiser's output layer is zero-initialised, so its x0-estimate is 0 whatever the
+    noise and every sample (every seed) is the same mask. ``noise_dependent`` gives that layer
+    random weights, so samples depend on the starting noise and the image as a trained model's do:
+    tests of seeds, sample spread and mutual information need it.
+    """
     plans = json.loads((preprocessed / dataset / "latdiffPlans_tiny.json").read_text())
     run = results / dataset / RUN.format(configuration)
     run.mkdir(parents=True, exist_ok=True)
@@ -39,6 +46,8 @@ def make_untrained_run(results: Path, preprocessed: Path, dataset: str, configur
     for fold in folds:
         torch.manual_seed(fold)
         model = build_model(cfg["network"])
+        if noise_dependent:
+            torch.nn.init.normal_(model.denoiser.out[-1].weight, std=0.5)
         save_checkpoint({"network": cfg["network"], "diffusion": cfg["diffusion"], "ema": model.state_dict()},
                         run / f"fold_{fold}" / "checkpoint_final.pth")
     return run
@@ -56,7 +65,7 @@ def oblique_3d(tmp_path_factory):
         origin=(-12.5, 40.25, 7.0), spacing=(0.8, 0.9, 2.5),
     )
     assert plan_main(["-d", "902", "--preset", "tiny", "-np", "1"]) == 0
-    make_untrained_run(env["res"], env["pre"], "Dataset902_Oblique", "3d", folds=(0, 1))
+    make_untrained_run(env["res"], env["pre"], "Dataset902_Oblique", "3d", folds=(0, 1), noise_dependent=True)
     yield env
     mp.undo()
 
@@ -88,7 +97,7 @@ def test_outputs_keep_exact_input_geometry(oblique_3d, tmp_path):
         mi = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}_mutual_information.nii.gz")))
         assert entropy.min() >= 0 and entropy.max() <= np.log(3) + 1e-4
         assert agreement.min() >= 0 and agreement.max() <= 1
-        assert np.all(mi <= entropy + 1e-5)
+        assert np.all(mi <= entropy + 1e-5) and mi.max() > 1e-3  # samples disagree somewhere
         with np.load(out / f"{case}_probabilities.npz", allow_pickle=False) as f:
             probs = f["probabilities"].astype(np.float32)
         assert probs.shape == (3,) + entropy.shape
@@ -114,6 +123,9 @@ def test_restart_skips_finished_cases_and_shards_cover_everything(oblique_3d, tm
 
 
 def test_same_seed_same_prediction(oblique_3d):
+    """Same seed, same samples; another seed, other samples. The fixture's denoiser depends on its
+    noise (an untrained one outputs 0, so every seed would give the same masks and the first
+    check could not fail for a sampler that ignores the seed)."""
     run = oblique_3d["res"] / "Dataset902_Oblique" / RUN.format("3d")
     predictor = LatentDiffusionPredictor(run, ["0"], torch.device("cpu"))
     images = oblique_3d["raw"] / "Dataset902_Oblique" / "imagesTr"
@@ -123,7 +135,10 @@ def test_same_seed_same_prediction(oblique_3d):
     pre, _ = predictor.preprocess(data, geometry)
     a = predictor.sample_probabilities(pre, PredictionSettings(num_samples=3, steps=2, seed=7))
     b = predictor.sample_probabilities(pre, PredictionSettings(num_samples=3, steps=2, seed=7))
+    c = predictor.sample_probabilities(pre, PredictionSettings(num_samples=3, steps=2, seed=8))
     assert a.shape[0] == 3 and np.array_equal(a, b)
+    # the model's samples depend on the noise: another seed, other samples; within a seed they differ too
+    assert np.abs(a - c).max() > 1e-2 and np.abs(a[0] - a[1]).max() > 1e-2
 
 
 def test_wrong_channel_count_names_the_file(oblique_3d, tmp_path, capsys):
@@ -154,3 +169,45 @@ def test_2d_rgb_png_round_trip_with_overlay(tmp_path, monkeypatch):
         assert seg.GetSize() == src.GetSize() and seg.GetNumberOfComponentsPerPixel() == 1
         assert (out / f"{case}_overlay.png").stat().st_size > 1000
         assert sitk.ReadImage(str(out / f"{case}_entropy.nii.gz")).GetSize() == src.GetSize()
+
+
+def test_cases_sampled_before_a_crash_are_still_written(oblique_3d, tmp_path, monkeypatch):
+    """A crash (a bug, Ctrl-C) at one case never cancels the pending exports of the cases before it."""
+    run = oblique_3d["res"] / "Dataset902_Oblique" / RUN.format("3d")
+    predictor = LatentDiffusionPredictor(run, ["0"], torch.device("cpu"))
+    sample, calls = predictor.sample_probabilities, []
+
+    def crash_at_third_case(data, settings):
+        calls.append(len(calls))
+        if len(calls) == 3:
+            raise RuntimeError("crash at the third case")
+        return sample(data, settings)
+
+    monkeypatch.setattr(predictor, "sample_probabilities", crash_at_third_case)
+    out = tmp_path / "pred"
+    with pytest.raises(RuntimeError, match="third case"):
+        predict_folder(oblique_3d["raw"] / "Dataset902_Oblique" / "imagesTr", out, predictor, PredictionSettings(1, 1),
+                       num_processes=2)
+    assert sorted(p.name for p in out.glob("synth_*[0-9].nii.gz")) == ["synth_000.nii.gz", "synth_001.nii.gz"]
+
+
+def test_workers_are_spawned_once_cuda_is_initialised(oblique_3d, tmp_path, monkeypatch):
+    """A worker forked from a process holding a CUDA context can die or hang; spawned ones cannot."""
+    import latdiffunet.inference.predict_folder as predict_folder_module
+    from latdiffunet.utilities import parallel
+
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # as after predicting on a GPU
+    chosen = []
+
+    def recording_context():
+        chosen.append(parallel.worker_context())
+        return chosen[-1]
+
+    monkeypatch.setattr(predict_folder_module, "worker_context", recording_context)
+    run = oblique_3d["res"] / "Dataset902_Oblique" / RUN.format("3d")
+    predictor = LatentDiffusionPredictor(run, ["0"], torch.device("cpu"))
+    out = tmp_path / "pred"
+    predicted = predict_folder(oblique_3d["raw"] / "Dataset902_Oblique" / "imagesTr", out, predictor, PredictionSettings(1, 1),
+                               num_processes=1, case_ids=["synth_000", "synth_001"])
+    assert [c.get_start_method() for c in chosen] == ["spawn"]
+    assert predicted == ["synth_000", "synth_001"] and (out / "synth_001.nii.gz").is_file()

@@ -16,7 +16,7 @@ from latdiffunet.errors import UserInputError
 from latdiffunet.experiment_planning.planner import load_plans, load_preset
 from latdiffunet.preprocessing.splits import validate_splits
 from latdiffunet.raw_dataset import is_plain_name
-from latdiffunet.training.checkpoint import load_checkpoint, save_checkpoint
+from latdiffunet.utilities.checkpoint import load_checkpoint, save_checkpoint
 from latdiffunet.utilities.file_io import load_npz, save_npz
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +55,7 @@ def _keyword_is(call: ast.Call, name: str, value: bool) -> bool:
 
 def test_every_torch_load_passes_weights_only_true():
     calls = list(_calls("torch", "load"))
-    assert calls, "expected torch.load in training/checkpoint.py"
+    assert calls, "expected torch.load in utilities/checkpoint.py"
     bad = [where for where, call in calls if not _keyword_is(call, "weights_only", True)]
     assert not bad, f"torch.load without weights_only=True at {bad}"
 

@@ -5,11 +5,14 @@ callable that the caller builds around a model and its conditioning.
 """
 
 from latdiffunet.diffusion.parameterization import (
+    EPS_CLIP_X0,
     PARAMETERIZATIONS,
     Parameterization,
     check_parameterization,
+    clip_x0_for,
     predict_x0_and_eps,
     training_target,
+    x0_for_loss,
 )
 from latdiffunet.diffusion.samplers import Denoiser, ddim_sample, ddpm_sample
 from latdiffunet.diffusion.schedules import (
@@ -20,6 +23,7 @@ from latdiffunet.diffusion.schedules import (
 )
 
 __all__ = [
+    "EPS_CLIP_X0",
     "PARAMETERIZATIONS",
     "SCHEDULE_NAMES",
     "Denoiser",
@@ -27,9 +31,11 @@ __all__ = [
     "Parameterization",
     "broadcast_to",
     "check_parameterization",
+    "clip_x0_for",
     "ddim_sample",
     "ddpm_sample",
     "inference_timesteps",
     "predict_x0_and_eps",
     "training_target",
+    "x0_for_loss",
 ]

@@ -107,6 +107,12 @@ class NoiseSchedule:
             return cls.linear(T)
         raise ValueError(f"unknown noise schedule {name!r}; expected one of {SCHEDULE_NAMES}")
 
+    @classmethod
+    def from_plan(cls, diffusion: dict) -> NoiseSchedule:
+        """The schedule of a plan's (or checkpoint's) ``diffusion`` settings. Here, below training and
+        inference, so both build it the same way without one importing the other."""
+        return cls.from_name(diffusion["schedule"], int(diffusion["training_steps"]))
+
     # ----------------------------------------------------------------- derived tables
     @property
     def num_timesteps(self) -> int:

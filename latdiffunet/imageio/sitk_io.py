@@ -131,32 +131,83 @@ def _read_sitk(path: Path) -> sitk.Image:
             fix="re-export the file from its source; check that the extension matches the content",
         ) from None
     if file_ending_of(path) in (".nii", ".nii.gz"):
-        _check_nifti_complete(path)
+        _check_nifti_voxels(path)
     return img
 
 
-def _nifti_expected_bytes(header: bytes) -> int | None:
-    """Header plus voxel bytes a NIfTI-1/2 file must hold (uncompressed); None if not parseable."""
+# NIfTI datatype codes whose voxels are IEEE floats (complex types: pairs of them), as numpy kinds
+_NIFTI_FLOAT_DATATYPES = {16: "f4", 32: "f4", 64: "f8", 1792: "f8"}
+_SCAN_CHUNK_BYTES = 1 << 22  # a multiple of every item size, so chunks stay aligned to voxels
+
+
+@dataclass(frozen=True)
+class _NiftiLayout:
+    """Where a NIfTI-1/2 file keeps its voxels and what they are, from the header alone."""
+
+    byte_order: str  # "<" or ">"
+    vox_offset: int
+    voxel_bytes: int
+    datatype: int
+
+    @property
+    def expected_bytes(self) -> int:
+        return self.vox_offset + self.voxel_bytes
+
+    @property
+    def float_dtype(self) -> np.dtype | None:
+        """Dtype to scan for NaN/inf; None for integer data, which cannot hold them."""
+        kind = _NIFTI_FLOAT_DATATYPES.get(self.datatype)
+        return None if kind is None else np.dtype(self.byte_order + kind)
+
+
+def _nifti_layout(header: bytes) -> _NiftiLayout | None:
+    """The voxel block of a NIfTI-1/2 header (uncompressed bytes); None if not parseable."""
     for order in ("<", ">"):
         if len(header) >= 348 and struct.unpack(order + "i", header[:4])[0] == 348:
             dims = struct.unpack(order + "8h", header[40:56])
-            bitpix = struct.unpack(order + "h", header[72:74])[0]
+            datatype, bitpix = struct.unpack(order + "2h", header[70:74])
             vox_offset = int(struct.unpack(order + "f", header[108:112])[0])
             break
         if len(header) >= 540 and struct.unpack(order + "i", header[:4])[0] == 540:
-            bitpix = struct.unpack(order + "h", header[14:16])[0]
+            datatype, bitpix = struct.unpack(order + "2h", header[12:16])
             dims = struct.unpack(order + "8q", header[16:80])
             vox_offset = struct.unpack(order + "q", header[168:176])[0]
             break
     else:
         return None
-    if not 1 <= dims[0] <= 7 or bitpix <= 0:
-        return None
-    return vox_offset + int(np.prod([max(1, int(d)) for d in dims[1 : dims[0] + 1]], dtype=np.int64)) * bitpix // 8
+    if not 1 <= dims[0] <= 7 or bitpix <= 0 or vox_offset < struct.unpack(order + "i", header[:4])[0]:
+        return None  # a voxel block overlapping the header is not one we can scan
+    voxels = int(np.prod([max(1, int(d)) for d in dims[1 : dims[0] + 1]], dtype=np.int64))
+    return _NiftiLayout(order, vox_offset, voxels * bitpix // 8, datatype)
 
 
-def _check_nifti_complete(path: Path) -> None:
-    """ITK reads a truncated NIfTI without complaint and pads the missing voxels with zeros."""
+def _scan_nifti(path: Path, gzipped: bool, layout: _NiftiLayout, dtype: np.dtype | None) -> tuple[int, int]:
+    """(bytes the file holds, NaN/inf voxels among them), decompressing once in bounded chunks.
+
+    Raises ``zlib.error``/``EOFError``/``OSError`` when the compressed stream itself is damaged.
+    """
+    available, nonfinite = 0, 0
+    with (gzip.open(path, "rb") if gzipped else open(path, "rb")) as f:
+        available += len(f.read(layout.vox_offset))
+        remaining = layout.voxel_bytes
+        while chunk := f.read(_SCAN_CHUNK_BYTES):
+            available += len(chunk)
+            if dtype is not None and remaining > 0:
+                block = chunk[: min(remaining, len(chunk) - len(chunk) % dtype.itemsize)]
+                nonfinite += int(np.count_nonzero(~np.isfinite(np.frombuffer(block, dtype))))
+                remaining -= len(block)
+    return available, nonfinite
+
+
+def _check_nifti_voxels(path: Path) -> None:
+    """Refuse what ITK's NIfTI reader hides: a truncated file and NaN/inf voxels.
+
+    ITK pads the voxels missing from a truncated file with zeros, and its NIfTI library replaces
+    every NaN/inf of a float image by 0 (in SimpleITK 2.5; .mha and .nrrd keep them), so neither
+    can be seen in the array it returns: both are checked on the file's own bytes. Integer images
+    cannot hold NaN and only need their length checked, which for .nii.gz the gzip trailer gives
+    without decompressing; float images are decompressed once more and scanned.
+    """
     with open(path, "rb") as f:
         gzipped = f.read(2) == b"\x1f\x8b"
     truncated = UserInputError(
@@ -171,26 +222,31 @@ def _check_nifti_complete(path: Path) -> None:
                 header += f.read(192)
     except (OSError, EOFError, zlib.error):
         raise truncated from None
-    expected = _nifti_expected_bytes(header)
-    if expected is None:
+    layout = _nifti_layout(header)
+    if layout is None:
         return  # ITK understood a header we do not; trust it
-    if not gzipped:
-        if path.stat().st_size < expected:
+    dtype = layout.float_dtype
+    if dtype is None and not gzipped:
+        if path.stat().st_size < layout.expected_bytes:
             raise truncated
         return
-    with open(path, "rb") as f:  # fast path: gzip's trailer stores the uncompressed size mod 2**32
-        f.seek(-4, os.SEEK_END)
-        if struct.unpack("<I", f.read(4))[0] == expected % 2**32:
-            return
-    available = 0  # slow path (truncated, multi-member or > 4 GiB): decompress and count
-    try:
-        with gzip.open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                available += len(chunk)
+    if dtype is None:
+        with open(path, "rb") as f:  # fast path: gzip's trailer stores the uncompressed size mod 2**32
+            f.seek(-4, os.SEEK_END)
+            if struct.unpack("<I", f.read(4))[0] == layout.expected_bytes % 2**32:
+                return
+    try:  # float data, or the slow path (truncated, multi-member or > 4 GiB): decompress and count
+        available, nonfinite = _scan_nifti(path, gzipped, layout, dtype)
     except (OSError, EOFError, zlib.error):  # the compressed stream itself is cut short or damaged
         raise truncated from None
-    if available < expected:
+    if available < layout.expected_bytes:
         raise truncated
+    if nonfinite:
+        raise UserInputError(
+            f"{nonfinite} voxel(s) are NaN or inf (stored in the file; the NIfTI reader would silently read them as 0)",
+            path=path,
+            fix="replace them (e.g. with the background value) and save the image again",
+        )
 
 
 def read_image(path: str | Path) -> tuple[np.ndarray, ImageGeometry]:

@@ -11,7 +11,9 @@ from latdiffunet.utilities.cli import friendly_errors, set_cpu_friendly_threadin
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="latdiff_predict", description="Predict segmentations and uncertainty maps with trained folds.")
     p.add_argument("-i", "--input", required=True, help="folder of images named CASE_0000.ext (one file per channel)")
-    p.add_argument("-o", "--output", required=True, help="output folder (created)")
+    p.add_argument("-o", "--output", required=True,
+                   help="output folder (created). A case whose input is bad is skipped and reported at the end, "
+                        "after every other case is written; the exit code is then 2")
     p.add_argument("-d", "--dataset", required=True, help="dataset ID or name the model was trained on")
     p.add_argument("-c", "--configuration", default=None, help="2d or 3d (default: the one that was trained; 3d preferred)")
     p.add_argument("-p", "--plans", default="latdiffPlans", help="plans identifier (default latdiffPlans)")
@@ -60,10 +62,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from latdiffunet import paths
     from latdiffunet.errors import UserInputError
-    from latdiffunet.inference.predict_folder import predict_folder
+    from latdiffunet.inference.predict_folder import check_output_folder, predict_folder
     from latdiffunet.inference.predictor import LatentDiffusionPredictor, PredictionSettings
     from latdiffunet.raw_dataset import resolve_dataset_name
 
+    check_output_folder(Path(args.output))  # before the model is loaded: a wrong -o fails at once
     name = resolve_dataset_name(args.dataset, paths.results_root(), paths.preprocessed_root(), paths.raw_root())
     run_folder = find_run_folder(paths.results_root() / name, args.trainer, args.plans, args.configuration)
     folds = args.folds or sorted(p.name[len("fold_"):] for p in run_folder.glob("fold_*") if p.is_dir())

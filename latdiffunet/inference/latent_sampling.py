@@ -17,24 +17,14 @@ the same question and answer alike: a sample is a stack of consistent slices, no
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
-from latdiffunet.diffusion import NoiseSchedule, ddim_sample
-
-
-def schedule_from_plan(diffusion: dict) -> NoiseSchedule:
-    return NoiseSchedule.from_name(diffusion["schedule"], int(diffusion["training_steps"]))
-
-
-def autocast_for(device: torch.device, enabled: bool):
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
-    return contextlib.nullcontext()
+from latdiffunet.diffusion import NoiseSchedule, clip_x0_for, ddim_sample
+from latdiffunet.utilities.autocast import autocast_for
 
 
 @dataclass
@@ -93,8 +83,9 @@ class DiffusionWindowPredictor:
         # fold's validation cases at the end of training (see training/validation.py).
         self.noise_scale = float(diffusion.get("noise_scale", 1.0) if noise_scale is None else noise_scale)
         self.diffusion = diffusion
-        self.schedule = schedule_from_plan(diffusion)
+        self.schedule = NoiseSchedule.from_plan(diffusion)
         self.eta = float(diffusion.get("eta", 0.0) if eta is None else eta)
+        self.clip_x0 = clip_x0_for(diffusion)  # eps-prediction: x0_hat bounded, else step 1 derails
         self.num_samples = num_samples
         self.num_steps = num_steps
         self.generator = generator
@@ -130,7 +121,7 @@ class DiffusionWindowPredictor:
 
         z0 = ddim_sample(
             denoise, self.schedule, x_T.shape, self.num_steps, self.diffusion["parameterization"], eta=self.eta,
-            generator=self.generator, device=images.device, x_T=x_T,
+            generator=self.generator, device=images.device, x_T=x_T, clip_x0=self.clip_x0,
         )
         with autocast_for(images.device, self.amp):
             probs = self.model.decode_latent(z0).float().softmax(1)

@@ -4,14 +4,19 @@ A case is finished when its segmentation file exists: it is written last, atomic
 uncertainty maps, samples and pictures, so a killed run is simply restarted and redoes only unfinished cases. Shards
 (``num_parts``/``part_id``) take disjoint cases, so several processes or machines can write into
 one output folder without clobbering each other.
+
+One unreadable or unsuitable input costs its own case only: every other case is predicted and
+written, and the failures are reported together at the end (:class:`CasesFailed`), so a user
+with 500 cases and one bad file gets 499 segmentations and one clear message.
 """
 
 from __future__ import annotations
 
-import multiprocessing
-from concurrent.futures import Future, ProcessPoolExecutor
+import sys
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 from tqdm import tqdm
@@ -23,8 +28,33 @@ from latdiffunet.inference.predictor import LatentDiffusionPredictor, Prediction
 from latdiffunet.inference.uncertainty import uncertainty_maps
 from latdiffunet.raw_dataset import DatasetSpec, find_cases
 from latdiffunet.utilities.file_io import save_npz, write_json
+from latdiffunet.utilities.parallel import worker_context
 
 UNCERTAINTY_MAPS = ("entropy", "mutual_information", "agreement")
+
+
+class CasesFailed(UserInputError):
+    """Some cases could not be predicted (bad input); every other case was written."""
+
+    def __init__(self, failures: dict[str, str], predicted: list[str], output_folder: Path):
+        self.failures, self.predicted = dict(failures), list(predicted)
+        lines = "\n".join(f"  - {case}: " + message.replace("\n", "\n    ") for case, message in failures.items())
+        super().__init__(
+            f"{len(failures)} case(s) could not be predicted; the other {len(predicted)} were written to "
+            f"{output_folder}:\n{lines}",
+            fix="correct or remove the files named above and run the same command again (finished cases are skipped)",
+        )
+
+
+def check_output_folder(folder: Path) -> None:
+    """Refuse, before anything is written, an output folder that is a file or lies inside one."""
+    blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        inside = "" if blocking == folder else f" and cannot hold the output folder {folder}"
+        raise UserInputError(
+            f"is a file, not a folder{inside}", path=blocking,
+            fix="give -o a new or existing folder, or move the file out of the way",
+        )
 
 
 def list_input_cases(folder: Path, spec: DatasetSpec) -> dict[str, list[Path]]:
@@ -153,11 +183,14 @@ def predict_folder(
 ) -> list[str]:
     """Predict every (unfinished) case of this shard (or only ``case_ids``); returns those predicted.
 
+    A case whose input is bad (:class:`UserInputError` while reading or writing it) is skipped;
+    the others are all predicted and written, then :class:`CasesFailed` lists the skipped ones.
     ``rater_label_files`` maps a case id to its raters' label files (original geometry); with
     ``settings.save_montage`` they are drawn in ``CASE_montage.png``, otherwise unused.
     """
     if not 0 <= part_id < num_parts:
         raise UserInputError(f"--part_id must be in 0..{num_parts - 1}, got {part_id}", fix="number the shards 0 .. --num_parts - 1")
+    check_output_folder(output_folder)
     cases = list_input_cases(input_folder, predictor.dataset_spec)
     if case_ids is not None:
         missing = sorted(set(case_ids) - set(cases))
@@ -167,7 +200,12 @@ def predict_folder(
     ending = predictor.dataset_spec.file_ending
     shard = sorted(cases)[part_id::num_parts]
     todo = [c for c in shard if overwrite or not (output_folder / f"{c}{ending}").is_file()]
-    output_folder.mkdir(parents=True, exist_ok=True)
+    try:
+        output_folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserInputError(
+            f"cannot create the output folder ({exc.strerror})", path=output_folder, fix="give -o a folder you can write to"
+        ) from None
     write_json(
         {"run_folder": str(predictor.run_folder), "checkpoints": predictor.checkpoints, "configuration": predictor.configuration_name,
          "num_samples_per_fold": settings.num_samples, "sampling_steps": settings.steps, "seed": settings.seed,
@@ -179,35 +217,69 @@ def predict_folder(
     num_channels = predictor.dataset_spec.num_channels
     jobs = {c: (cases[c], num_channels, predictor.plans, predictor.configuration_name, settings.save_montage) for c in todo}
     raters = rater_label_files or {}
-    pool = ProcessPoolExecutor(num_processes, mp_context=multiprocessing.get_context("fork")) if num_processes > 0 else None
+    pool = ProcessPoolExecutor(num_processes, mp_context=worker_context()) if num_processes > 0 else None
+    prefetch: dict[str, Future] = {}
+    exports: dict[str, Future] = {}
+    predicted: set[str] = set()
+    failures: dict[str, str] = {}
 
-    def submit(fn, arg) -> Future:
-        if pool is not None:
-            return pool.submit(fn, arg)
-        f: Future = Future()
-        f.set_result(fn(arg))
-        return f
+    def fail(case: str, exc: UserInputError) -> None:
+        failures[case] = str(exc)
+        tqdm.write(f"warning: {case} skipped, reported at the end: {str(exc).splitlines()[0]}", file=sys.stderr)
+
+    def collect_finished_exports() -> None:
+        """A finished export marks its case predicted, or failed on a user error; anything else raises now."""
+        for case in [c for c, f in exports.items() if f.done()]:
+            try:
+                exports.pop(case).result()
+                predicted.add(case)
+            except UserInputError as exc:
+                fail(case, exc)
 
     try:
-        prefetch = {c: submit(_read_and_preprocess, jobs[c]) for c in todo[:2]}
-        exports: list[Future] = []
         for i, case in enumerate(tqdm(todo, desc="predicting", dynamic_ncols=True)):
-            data, props, thumbnail, image = prefetch.pop(case).result()
-            if i + 2 < len(todo):
-                prefetch[todo[i + 2]] = submit(_read_and_preprocess, jobs[todo[i + 2]])
+            for c in todo[i : i + 3]:  # read ahead two cases
+                if c not in prefetch:
+                    prefetch[c] = _submit(pool, _read_and_preprocess, jobs[c])
+            try:
+                data, props, thumbnail, image = prefetch.pop(case).result()
+            except UserInputError as exc:
+                fail(case, exc)
+                continue
             maps = uncertainty_maps(predictor.sample_probabilities(data, settings))
             if not (settings.save_samples or settings.save_montage):
                 maps.pop("sample_labels")
-            exports.append(submit(_export, _ExportJob(
+            exports[case] = _submit(pool, _export, _ExportJob(
                 maps, props, tuple(predictor.label_values), output_folder / case, ending, settings.save_samples,
                 settings.save_probabilities, thumbnail, montage_image=image,
                 rater_files=tuple(Path(f) for f in raters.get(case, ())) if settings.save_montage else (),
-            )))
-            while sum(not f.done() for f in exports) > 2:  # bound memory held by pending exports
-                next(f for f in exports if not f.done()).result()
-        for f in exports:
-            f.result()
+            ))
+            collect_finished_exports()
+            while len(exports) > 2:  # bound memory held by pending exports
+                wait(exports.values(), return_when=FIRST_COMPLETED)
+                collect_finished_exports()
+        wait(exports.values())
+        collect_finished_exports()
     finally:
+        # cases already sampled are written even when a later case raised or Ctrl-C came:
+        # only reads not yet started are cancelled, never a pending export
+        for f in prefetch.values():
+            f.cancel()
+        wait(exports.values())
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+    if failures:
+        raise CasesFailed({c: failures[c] for c in todo if c in failures}, [c for c in todo if c in predicted], output_folder)
     return todo
+
+
+def _submit(pool: ProcessPoolExecutor | None, fn: Callable[[Any], Any], arg: Any) -> Future:
+    """``pool.submit``, or run now when there is no pool (errors kept in the future alike)."""
+    if pool is not None:
+        return pool.submit(fn, arg)
+    future: Future = Future()
+    try:
+        future.set_result(fn(arg))
+    except Exception as exc:  # noqa: BLE001 -- re-raised by future.result(), as from a worker
+        future.set_exception(exc)
+    return future

@@ -21,7 +21,7 @@ from latdiffunet.inference.sliding_window import sliding_window_predict
 from latdiffunet.networks import build_model
 from latdiffunet.preprocessing.preprocessor import preprocess_case
 from latdiffunet.raw_dataset import parse_dataset_json
-from latdiffunet.training.checkpoint import load_checkpoint
+from latdiffunet.utilities.checkpoint import load_checkpoint
 from latdiffunet.utilities.file_io import load_json
 
 

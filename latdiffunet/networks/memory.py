@@ -6,24 +6,27 @@ storage) and a forward pass is traced with hooks that add up the size of every l
 output, i.e. the activations autograd keeps for the backward pass. It is an *estimate*, meant
 for comparing candidate configurations (monotone in batch and patch size), not an exact figure:
 functional ops (residual adds, concatenations) and allocator overhead are not counted, which
-the planner should absorb in its safety margin.
+the planner should absorb in its safety margin; attention probabilities are counted in full
+(the worst case: fused kernels keep less).
+
+There is deliberately no second, hand-written model of the architecture to fall back on: it
+would drift from the networks, and plans would then depend on which of the two a machine used.
+A torch too old to trace the networks on ``meta`` is an error that says so.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import nn
 
 from .model import build_model, resolve_model_config
-from .shapes import latent_spatial_shape, stage_channels, total_stride
+from .shapes import latent_spatial_shape, total_stride
 
 __all__ = ["estimate_training_memory_bytes", "memory_breakdown"]
 
 PARAM_STATE_BYTES = 16  # fp32 weight + fp32 grad + two fp32 Adam moments
-_RESBLOCK_OUTPUTS = 7  # norm1, act, conv1, norm2, act, conv2 (+ skip conv / FiLM), per ResBlock
 
 
 def _numel(obj: Any) -> int:
@@ -72,45 +75,6 @@ def _traced_activation_elements(
     return total
 
 
-def _shape_only_activation_elements(cfg: dict[str, Any], patch: list[int], batch: int) -> int:
-    """Fallback when a meta forward fails: count activations from the architecture alone.
-
-    Mirrors the network structure level by level (channels x voxels x outputs per block). It
-    agrees with the traced count to within tens of percent, enough for the planner's margin.
-    """
-    dim, strides = cfg["dim"], cfg["strides"]
-    ae, ie, dn = cfg["autoencoder"], cfg["image_encoder"], cfg["denoiser"]
-    n_lv = len(strides) + 1
-    voxels = [math.prod(patch)]
-    for i in range(len(strides)):
-        voxels.append(math.prod(latent_spatial_shape(patch, strides[: i + 1], dim)))
-
-    def pyramid(ch: list[int], vox: list[int], blocks: int) -> int:
-        # conv_in + blocks per level + one down/upsample conv per stage transition
-        body = sum(_RESBLOCK_OUTPUTS * blocks * c * v for c, v in zip(ch, vox))
-        return ch[0] * vox[0] + body + sum(c * v for c, v in zip(ch[1:], vox[1:]))
-
-    ae_ch = stage_channels(ae["base_channels"], n_lv, ae["channel_multipliers"], ae["max_channels"])
-    k, cz = cfg["num_classes"], cfg["latent_channels"]
-    enc = pyramid(ae_ch, voxels, ae["blocks_per_stage"]) + (2 * ae_ch[-1] + 2 * cz) * voxels[-1]
-    dec = pyramid(ae_ch, voxels, ae["blocks_per_stage"]) + (2 * ae_ch[0] + k) * voxels[0]
-    ie_ch = stage_channels(ie["base_channels"], n_lv, ie["channel_multipliers"], ie["max_channels"])
-    img = pyramid(ie_ch, voxels, ie["blocks_per_stage"])
-
-    lat = latent_spatial_shape(patch, strides, dim)
-    lvox = [math.prod(lat)]
-    for i in range(len(dn["strides"])):
-        lvox.append(math.prod(latent_spatial_shape(lat, dn["strides"][: i + 1], dim)))
-    mults = dn["channel_multipliers"] or [1] + [2] * len(dn["strides"])
-    dn_ch = stage_channels(dn["base_channels"], len(lvox), mults)
-    den = 2 * pyramid(dn_ch, lvox, dn["blocks_per_level"])  # down and up paths
-    den += 2 * _RESBLOCK_OUTPUTS * dn_ch[-1] * lvox[-1] + (2 * dn_ch[0] + cz) * lvox[0]
-    if dn["attention_at_bottleneck"]:
-        den += 4 * dn_ch[-1] * lvox[-1] + dn["attention_heads"] * lvox[-1] ** 2
-    inputs = (k + cfg["in_channels"]) * voxels[0]
-    return batch * (enc + dec + img + den + inputs)
-
-
 def memory_breakdown(
     model_config_dict: dict[str, Any],
     patch_size: list[int],
@@ -118,7 +82,7 @@ def memory_breakdown(
     bytes_per_element: int = 2,
 ) -> dict[str, Any]:
     """Components of the estimate: ``activation_bytes``, ``parameter_bytes``, ``total_bytes``,
-    ``num_parameters`` and ``method`` (``"meta_trace"`` or ``"shape_only"``)."""
+    ``num_parameters`` and ``total_stride``."""
     cfg = resolve_model_config(model_config_dict)
     patch = [int(p) for p in patch_size]
     if batch_size < 1:
@@ -130,10 +94,11 @@ def memory_breakdown(
     n_params = sum(p.numel() for p in model.parameters())
     try:
         act = _traced_activation_elements(model, cfg, patch, batch_size)
-        method = "meta_trace"
-    except (RuntimeError, NotImplementedError, TypeError):
-        act = _shape_only_activation_elements(cfg, patch, batch_size)
-        method = "shape_only"
+    except (RuntimeError, NotImplementedError, TypeError) as exc:
+        raise RuntimeError(
+            f"cannot estimate training memory: torch {torch.__version__} failed to trace the networks on the "
+            f"meta device ({type(exc).__name__}: {exc}); install a newer torch"
+        ) from exc
     activation_bytes = act * bytes_per_element
     parameter_bytes = n_params * PARAM_STATE_BYTES
     return {
@@ -141,7 +106,6 @@ def memory_breakdown(
         "parameter_bytes": parameter_bytes,
         "total_bytes": activation_bytes + parameter_bytes,
         "num_parameters": n_params,
-        "method": method,
         "total_stride": list(total_stride(cfg["strides"], cfg["dim"])),
     }
 

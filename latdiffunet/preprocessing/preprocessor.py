@@ -134,11 +134,11 @@ def read_training_case(
 
 
 def _preprocess_training_case(args: tuple) -> dict:
-    case, spec_labels, num_channels, plans, config_name, out_dir, seed = args
+    case, spec_labels, ignore_label, num_channels, plans, config_name, out_dir, seed = args
     data, segs, geometry = read_training_case(case, spec_labels, num_channels)
     data, segs, props = preprocess_case(data, segs, geometry, plans, config_name, spec_labels)
     rng = np.random.default_rng(seed)
-    foreground = [v for v in spec_labels if v != 0]
+    foreground = [v for v in spec_labels if v not in (0, ignore_label)]  # oversampling never centres on unannotated voxels
     locations = sample_class_locations(segs[0], foreground, rng)
     arrays = {"data": data.astype(np.float32), "seg": segs[0]}
     if len(segs) > 1:
@@ -165,7 +165,7 @@ def preprocess_dataset(
     for name in configuration_names:
         out_dir = output_folder / plans["configurations"][name]["data_identifier"]
         out_dir.mkdir(parents=True, exist_ok=True)
-        jobs = [(c, labels, spec.num_channels, plans, name, out_dir, 1234 + i) for i, c in enumerate(cases)]
+        jobs = [(c, labels, spec.ignore_label, spec.num_channels, plans, name, out_dir, 1234 + i) for i, c in enumerate(cases)]
         map_with_progress(_preprocess_training_case, jobs, num_processes, desc=f"preprocessing {name}")
         expected = {f"{c.case_id}.npz" for c in cases} | {f"{c.case_id}.json" for c in cases}
         for stale in os.listdir(out_dir):  # cases removed from the raw folder since the last run

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     run_folder = paths.results_root() / name / f"{args.trainer}__{args.plans}__{configuration}"
     output = run_folder / (f"fold_{fold}")
     if args.resume and (output / "checkpoint_latest.pth").is_file():
-        from latdiffunet.training.checkpoint import load_checkpoint
+        from latdiffunet.utilities.checkpoint import load_checkpoint
 
         saved = load_checkpoint(output / "checkpoint_latest.pth", required=("epoch", "autoencoder_epochs", "model", "ema", "rng"))
         if args.ae_epochs is None and int(saved["autoencoder_epochs"]) != config.autoencoder_epochs and int(saved["epoch"]) >= int(saved["autoencoder_epochs"]):

@@ -29,6 +29,7 @@ Conventions
 from __future__ import annotations
 
 import os
+import random
 from collections import OrderedDict
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -290,6 +291,9 @@ class PatchDataLoader(DataLoader):
     def set_thread_id(self, thread_id: int) -> None:
         super().set_thread_id(thread_id)
         self._rng = np.random.default_rng([self.seed, int(thread_id)])
+        # some batchgenerators transforms (noise variance, blur sigma) draw from Python's `random`,
+        # which the worker otherwise inherits unseeded from the parent: batches would not repeat
+        random.seed(int(np.random.SeedSequence([self.seed, int(thread_id)]).generate_state(1)[0]))
         _limit_worker_threads()
 
     def num_forced_foreground(self, n: int) -> int:
@@ -388,30 +392,37 @@ def _crop_with_padding(arr: np.ndarray, lbs: list[int], shape: list[int], dtype,
 # --------------------------------------------------------------------------------------------------
 
 
-class _SeededSingleThreadedAugmenter(SingleThreadedAugmenter):
-    """Single-threaded augmenter whose transforms draw from a private, seeded global-RNG state.
+def _swap_global_rng_states(states: tuple) -> tuple:
+    """Install ``(numpy, python)`` global RNG states and return the ones they replace."""
+    previous = np.random.get_state(), random.getstate()
+    np.random.set_state(states[0])
+    random.setstate(states[1])
+    return previous
 
-    batchgenerators' transforms use ``np.random``'s global state; this swaps a private state in
-    around each batch, so results are reproducible and the caller's global RNG is left untouched.
+
+class _SeededSingleThreadedAugmenter(SingleThreadedAugmenter):
+    """Single-threaded augmenter whose transforms draw from private, seeded global-RNG states.
+
+    batchgenerators' transforms use ``np.random``'s global state, and a few (noise variance, blur
+    sigma) Python's ``random``; this swaps private states of both in around each batch, so results
+    are reproducible and the caller's global RNGs are left untouched.
     """
 
     def __init__(self, data_loader, transform, seed: int):
         super().__init__(data_loader, transform)
-        saved = np.random.get_state()
+        saved = np.random.get_state(), random.getstate()
         np.random.seed(int(seed) % 2**32)
-        self._state = np.random.get_state()
-        np.random.set_state(saved)
+        random.seed(int(seed))
+        self._state = _swap_global_rng_states(saved)
 
     def __next__(self):
         item = next(self.data_loader)
         if self.transform is not None:
-            saved = np.random.get_state()
-            np.random.set_state(self._state)
+            saved = _swap_global_rng_states(self._state)
             try:
                 item = self.transform(**item)
             finally:
-                self._state = np.random.get_state()
-                np.random.set_state(saved)
+                self._state = _swap_global_rng_states(saved)
         return item
 
     def _finish(self) -> None:  # same shutdown call as MultiThreadedAugmenter; nothing to stop
@@ -423,8 +434,8 @@ def make_batch_stream(loader: PatchDataLoader, transforms, num_workers: int, see
 
     ``num_workers > 0``: a ``MultiThreadedAugmenter`` with that many background processes (each
     holds a forked copy of ``loader``; transforms of worker ``k`` use ``np.random`` seeded with
-    ``seed + k``; the loader's own sampling uses ``(loader.seed, k)``; each worker limits BLAS/OpenMP
-    to one thread). Stop it with :func:`close_batch_stream` (``_finish()``).
+    ``seed + k``; the loader's own sampling and Python's ``random`` use ``(loader.seed, k)``; each
+    worker limits BLAS/OpenMP to one thread). Stop it with :func:`close_batch_stream` (``_finish()``).
 
     ``num_workers == 0``: everything runs in the calling process, for debugging (breakpoints and
     tracebacks inside transforms work) and for CI, where spawning processes is slow or restricted.

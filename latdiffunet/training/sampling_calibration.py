@@ -15,9 +15,9 @@ import torch
 
 from latdiffunet.inference.latent_sampling import DiffusionWindowPredictor
 from latdiffunet.inference.sliding_window import sliding_window_predict
-from latdiffunet.training.checkpoint import load_checkpoint, save_checkpoint
 from latdiffunet.training.data_loading import load_preprocessed_case
 from latdiffunet.training.validation import foreground_dice
+from latdiffunet.utilities.checkpoint import load_checkpoint, save_checkpoint
 
 
 NOISE_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -38,6 +38,7 @@ def noise_scale_table(
     num_samples: int,
     scales: tuple[float, ...] = NOISE_SCALES,
     seed: int = 0,
+    ignore_label: int | None = None,
 ) -> list[dict]:
     """GED, Dice of one sample and Dice of the mean for each sampling temperature (noise scale).
 
@@ -47,6 +48,7 @@ def noise_scale_table(
     that are each close to an annotation and penalises spread the annotations do not show, so the
     scale that minimises it is the one whose spread is honest. Scale 0 makes every sample the same
     (a deterministic segmenter); 1 is the distribution the model was trained to sample.
+    Voxels any annotation marks ``ignore_label`` (unannotated) count in neither GED nor Dice.
     """
     from latdiffunet.evaluation.ambiguity import generalized_energy_distance
 
@@ -66,11 +68,14 @@ def noise_scale_table(
                                            device, windows_per_batch=max(1, 32 // num_samples))
             samples = probs.argmax(1)
             annotations = case["seg_raters"] if case["seg_raters"] is not None else case["seg"][None]
+            if ignore_label is not None:
+                annotated = (annotations != ignore_label).all(0)
+                samples, annotations = np.where(annotated, samples, 0), np.where(annotated, annotations, 0)
             per_class = [generalized_energy_distance(s, a) for s, a in
                          zip(_class_masks(samples, labels[1:]), _class_masks(annotations, labels[1:]))]
             ged.append(float(np.mean(per_class)))
             for pred, out in ((probs.mean(0).argmax(0), mean), *((s, single) for s in samples)):
-                dice = foreground_dice(pred, case["seg"], num_classes)
+                dice = foreground_dice(pred, case["seg"], num_classes, ignore_label)
                 if dice is not None:
                     out.append(dice)
         rows.append({

@@ -27,18 +27,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from latdiffunet.diffusion import ddim_sample, predict_x0_and_eps, training_target
+from latdiffunet.diffusion import NoiseSchedule, clip_x0_for, ddim_sample, training_target, x0_for_loss
 from latdiffunet.errors import UserInputError
 from latdiffunet.inference.predictor import LatentDiffusionPredictor, PredictionSettings
-from latdiffunet.inference.latent_sampling import autocast_for, schedule_from_plan
 from latdiffunet.networks import build_model, kl_divergence
-from latdiffunet.training.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from latdiffunet.training.config import TrainerConfig
 from latdiffunet.training.final_validation import validate_in_original_geometry
 from latdiffunet.training.logger import TrainingLogger
-from latdiffunet.training.losses import energy_score_loss, one_hot, segmentation_loss
+from latdiffunet.training.losses import (
+    energy_score_loss, latent_valid_fraction, one_hot, segmentation_loss, valid_mask, weighted_mean,
+)
 from latdiffunet.training.sampling_calibration import choose_noise_scale, noise_scale_table, store_noise_scale
 from latdiffunet.training.validation import evaluate_model_on_cases
+from latdiffunet.utilities.autocast import autocast_for
+from latdiffunet.utilities.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from latdiffunet.utilities.file_io import load_json, write_json
 
 
@@ -74,9 +76,12 @@ class LatentDiffusionTrainer:
         np.random.seed(config.seed)
         self.model = build_model(self.configuration["network"]).to(device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
-        self.schedule = schedule_from_plan(self.configuration["diffusion"])
+        self.schedule = NoiseSchedule.from_plan(self.configuration["diffusion"])
         self.parameterization = self.configuration["diffusion"]["parameterization"]
+        self.clip_x0 = clip_x0_for(self.configuration["diffusion"])  # as inference samples (eps: bounded x0_hat)
         self.class_weights = torch.tensor(self.configuration["loss"]["class_weights"], dtype=torch.float32, device=device)
+        # dataset.json's "ignore" (unannotated voxels): no loss and no metric anywhere (see losses.py)
+        self.ignore_label: int | None = plans.get("labels", {}).get("ignore")
         self.amp = config.amp and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.optimizer: torch.optim.Optimizer | None = None
@@ -86,6 +91,12 @@ class LatentDiffusionTrainer:
         self.best_val_dice = -math.inf
         self.logger = TrainingLogger(output_folder)
         self._stream = None
+        self._case_cache = None  # decompressed training cases, kept across the per-epoch streams
+        # Wall-clock seconds of earlier sessions of this run (restored by load) and per-stage epoch
+        # times: a resumed run counts both against --budget-minutes instead of starting afresh.
+        self.training_seconds_before = 0.0
+        self._run_start: float | None = None
+        self._epoch_times: dict[str, list[float]] = {}
 
     # ------------------------------------------------------------------ setup
     def _fold_cases(self, splits: list[dict]) -> tuple[list[str], list[str]]:
@@ -126,17 +137,27 @@ class LatentDiffusionTrainer:
         return self._base_lr(stage) * (1 - (epoch - start) / max(length, 1)) ** 0.9
 
     def batch_stream(self):
-        """Augmented training batches, started lazily (background workers when configured)."""
+        """This epoch's augmented training batches, started lazily (background workers when configured).
+
+        Every epoch gets its own stream, seeded with ``seed + epoch`` and closed at the epoch's end,
+        so the batches of an epoch do not depend on where an earlier session stopped: a resumed run
+        draws exactly the batches an uninterrupted one would. Cases are decompressed once into a
+        cache shared by all epochs, filled before background workers fork so they share it.
+        """
         if self._stream is None:
             from latdiffunet.training import data_loading as dl
 
+            if self._case_cache is None:
+                self._case_cache = dl.CaseCache(self.data_folder)
+                if self.config.num_workers > 0:
+                    self._case_cache.preload(self.train_cases)
             patch = self.configuration["patch_size"]
             dim = self.configuration["dimension"]
             initial = dl.initial_patch_size(patch, dl.ROTATION_DEGREES, dl.SCALE_RANGE) if self.config.augment else patch
             loader = dl.PatchDataLoader(
                 self.data_folder, self.train_cases, patch, self.config.batch_size or self.configuration["batch_size"],
                 dim, self.config.foreground_oversampling, seed=self.config.seed + self.epoch,
-                initial_patch_size=initial,
+                initial_patch_size=initial, cache=self._case_cache,
             )
             transforms = dl.build_transforms(dim, patch, augment=self.config.augment)
             self._stream = dl.make_batch_stream(loader, transforms, self.config.num_workers, self.config.seed + self.epoch)
@@ -156,8 +177,8 @@ class LatentDiffusionTrainer:
         return data, seg
 
     def autoencoder_loss(self, data: torch.Tensor, seg: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        out = self.model.autoencoder(one_hot(seg, self.model.config["num_classes"]))
-        loss, parts = segmentation_loss(out["logits"], seg, self.class_weights, self.config.dice_weight)
+        out = self.model.autoencoder(one_hot(seg, self.model.config["num_classes"], self.ignore_label))
+        loss, parts = segmentation_loss(out["logits"], seg, self.class_weights, self.config.dice_weight, self.ignore_label)
         kl = kl_divergence(out["mu"], out["logvar"])
         return loss + self.config.kl_weight * kl, parts | {"kl": kl.item()}
 
@@ -166,13 +187,16 @@ class LatentDiffusionTrainer:
 
         The latent loss (the plans' parameterisation) trains the denoiser at every noise level.
         The decoded supervision applies only to images whose noise level leaves the mask readable
-        (``decoded_loss_min_signal``). The sample loss runs the inference sampler itself on a
-        few images of the batch, M samples each, and scores them with the energy score
+        (``decoded_loss_min_signal``); its x0-estimate comes from :func:`x0_for_loss`, clipped and
+        with a gradient no larger than x0-prediction's, since eps-prediction's x0 = (z_t - sigma
+        eps) / alpha would otherwise feed the loss 20,000x the network's error at t = T - 1 and
+        the ``_epspred`` comparison would measure that. The sample loss runs the inference sampler
+        itself on a few images of the batch, M samples each, and scores them with the energy score
         (:func:`energy_score_loss`), so a single sample, not only the mean of many, is trained
         to be a plausible mask, and on multi-rater data the spread is trained to match the raters'.
         """
         num_classes = self.model.config["num_classes"]
-        target_onehot = one_hot(seg, num_classes)
+        target_onehot, valid = one_hot(seg, num_classes, self.ignore_label), valid_mask(seg, self.ignore_label)
         with torch.no_grad():
             z0 = self.model.encode_mask(target_onehot)
         t = torch.randint(0, self.schedule.num_timesteps, (z0.shape[0],), device=self.device)
@@ -182,7 +206,8 @@ class LatentDiffusionTrainer:
         cond = self.model.condition(data)
         output = self.model.denoise(z_t, t, cond).float()
         target = training_target(self.parameterization, z0, noise, alpha, sigma)
-        latent_loss = torch.mean((output - target) ** 2)
+        latent_weight = None if valid is None else latent_valid_fraction(valid, z0.shape)
+        latent_loss = weighted_mean((output - target) ** 2, latent_weight)
         loss = self.config.latent_loss_weight * latent_loss
         parts = {"latent_loss": latent_loss.item()}
 
@@ -190,14 +215,17 @@ class LatentDiffusionTrainer:
         if self.config.decoded_loss_min_signal > 0:
             readable = (alpha.flatten() ** 2 >= self.config.decoded_loss_min_signal).nonzero().flatten()
         if self.config.decoded_supervision_weight > 0 and seg[readable].shape[0] > 0:
-            x0_hat, _ = predict_x0_and_eps(self.parameterization, output[readable], z_t[readable], alpha[readable], sigma[readable])
+            x0_hat = x0_for_loss(self.parameterization, output[readable], z_t[readable], alpha[readable], sigma[readable],
+                                 clip_x0=self.clip_x0)
             weights = self.class_weights if self.config.decoded_class_weights else None
-            decoded_loss, seg_parts = segmentation_loss(self.model.decode_latent(x0_hat), seg[readable], weights, self.config.dice_weight)
+            decoded_loss, seg_parts = segmentation_loss(
+                self.model.decode_latent(x0_hat), seg[readable], weights, self.config.dice_weight, self.ignore_label
+            )
             loss = loss + self.config.decoded_supervision_weight * decoded_loss
             parts |= seg_parts | {"decoded_loss": decoded_loss.item()}
 
         if self.config.sample_loss_weight > 0 and self._sample_loss_active():
-            sample_loss, sample_parts = self.sample_loss(cond, target_onehot)
+            sample_loss, sample_parts = self.sample_loss(cond, target_onehot, valid)
             loss = loss + self.config.sample_loss_weight * sample_loss
             parts |= sample_parts | {"sample_loss": sample_loss.item()}
         return loss, parts
@@ -210,7 +238,9 @@ class LatentDiffusionTrainer:
         into_stage = self.epoch - self.config.autoencoder_epochs
         return into_stage >= self.config.sample_loss_start * self.config.diffusion_epochs
 
-    def sample_loss(self, cond: torch.Tensor, target_onehot: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def sample_loss(
+        self, cond: torch.Tensor, target_onehot: torch.Tensor, valid: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict]:
         """Energy score of M sampled masks per image for the first ``sample_loss_images`` images.
 
         Every sample keeps one random latent for all its steps and starts from its own x_T, as at
@@ -229,11 +259,12 @@ class LatentDiffusionTrainer:
 
         z0 = ddim_sample(
             denoise, self.schedule, latent_shape, steps, self.parameterization,
-            eta=float(self.configuration["diffusion"].get("eta", 0.0)), device=self.device, differentiable=True,
+            eta=float(self.configuration["diffusion"].get("eta", 0.0)), device=self.device, clip_x0=self.clip_x0,
+            differentiable=True,
             grad_steps=self.config.sample_loss_grad_steps,
         )
         probs = self.model.decode_latent(z0).float().softmax(1)
-        return energy_score_loss(probs.view(n, m, *probs.shape[1:]), target_onehot[:n])
+        return energy_score_loss(probs.view(n, m, *probs.shape[1:]), target_onehot[:n], None if valid is None else valid[:n])
 
     def train_step(self, batch: dict, stage: str) -> dict:
         data, seg = self._to_device(batch)
@@ -268,7 +299,11 @@ class LatentDiffusionTrainer:
         latents = []
         for _ in range(num_batches):
             _, seg = self._to_device(next(self.batch_stream()))
-            latents.append(self.model.encode_mask(one_hot(seg, self.model.config["num_classes"])).float().flatten())
+            z = self.model.encode_mask(one_hot(seg, self.model.config["num_classes"], self.ignore_label)).float()
+            valid = valid_mask(seg, self.ignore_label)
+            if valid is not None:  # latents over unannotated voxels only are never trained on
+                z = z[latent_valid_fraction(valid, z.shape).expand_as(z) > 0]
+            latents.append(z.flatten())
         std = float(torch.cat(latents).std())
         self.model.latent_scale.fill_(1.0 / max(std, 1e-6))
         self.ema.load_state_dict(self.model.state_dict())  # EMA starts from the finished autoencoder
@@ -286,7 +321,7 @@ class LatentDiffusionTrainer:
         model = self.model if stage == "autoencoder" else self.ema
         summary = evaluate_model_on_cases(
             model, self.data_folder, cases, self.configuration, self.device, mode, num_samples=samples,
-            seed=self.config.seed, amp=self.amp,
+            seed=self.config.seed, amp=self.amp, ignore_label=self.ignore_label,
         )
         self.model.train()
         return summary
@@ -303,6 +338,8 @@ class LatentDiffusionTrainer:
             "ema_updates": self.ema_updates,
             "autoencoder_epochs": self.config.autoencoder_epochs,
             "best_val_dice": self.best_val_dice,
+            "training_seconds": self.training_seconds(),
+            "epoch_times": self._epoch_times,
             "rng": rng_state(),
             "trainer": type(self).__name__,
             "plans_name": self.plans["plans_name"],
@@ -327,6 +364,14 @@ class LatentDiffusionTrainer:
             self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         restore_rng_state(state["rng"])
+        # checkpoints written before these keys existed: the earlier time is unknown, not counted
+        self.training_seconds_before = float(state.get("training_seconds", 0.0))
+        self._epoch_times = {k: [float(t) for t in v] for k, v in state.get("epoch_times", {}).items()}
+
+    def training_seconds(self) -> float:
+        """Wall-clock seconds this run has trained, earlier sessions of a resumed run included."""
+        current = time.time() - self._run_start if self._run_start is not None else 0.0
+        return self.training_seconds_before + current
 
     # ------------------------------------------------------------------ main loop
     def run(self, resume: bool = False) -> dict:
@@ -339,7 +384,8 @@ class LatentDiffusionTrainer:
         self._write_run_files()
         self._run_start = time.time()
         self._plan_epochs = (self.config.autoencoder_epochs, self.config.diffusion_epochs)
-        self._epoch_times: dict[str, list[float]] = {}
+        if self.config.time_budget_minutes is not None and self._epoch_times:
+            self._fit_epochs_to_budget(self.config.stage_of(self.epoch - 1))  # resumed: fit what is left first
         self.logger.log(
             f"training {type(self).__name__} fold {self.fold} on {self.device}: {len(self.train_cases)} train / "
             f"{len(self.val_cases)} val cases, epochs {self.epoch}->{self.config.total_epochs} "
@@ -400,7 +446,7 @@ class LatentDiffusionTrainer:
         cases = self.val_cases[: max(self.config.validation_cases, math.ceil(0.05 * len(self.val_cases)))]
         samples = max(self.config.validation_samples or self.configuration["inference"]["num_samples"], 2)
         rows = noise_scale_table(self.ema, self.data_folder, cases, self.configuration, self.device, samples,
-                                 seed=self.config.seed)
+                                 seed=self.config.seed, ignore_label=self.ignore_label)
         multi_rater = load_json(self.preprocessed_dataset_folder / "dataset.json", "dataset.json").get("num_raters", 1) > 1
         scale, criterion = choose_noise_scale(rows, multi_rater)
         self.logger.write_json("sampling_calibration.json", {
@@ -424,19 +470,20 @@ class LatentDiffusionTrainer:
         return validate_in_original_geometry(predictor, settings, raw, self.val_cases, self.output_folder,
                                              num_processes=min(2, self.config.num_workers))
 
-    def _fit_epochs_to_budget(self, stage: str, epoch_time: float) -> None:
+    def _fit_epochs_to_budget(self, stage: str) -> None:
         """Rescale the remaining epochs so the run (and its final validation) fits the budget.
 
         After each epoch the time left is re-divided using the mean epoch time of each stage so far
         (validation epochs included); a diffusion epoch is assumed to cost 1.6x an autoencoder
         epoch until one has been seen (measured on Hippocampus 2d). The autoencoder stage can only
         get shorter than planned, the diffusion stage takes whatever is left. A tenth of the budget
-        is kept for the final validation.
+        is kept for the final validation. ``stage`` is that of the last epoch trained; the time and
+        epoch times of earlier sessions of a resumed run count too.
         """
-        self._epoch_times.setdefault(stage, []).append(epoch_time)
-        ae_time = float(np.mean(self._epoch_times.get("autoencoder", [epoch_time])))
-        diff_time = float(np.mean(self._epoch_times["diffusion"])) if "diffusion" in self._epoch_times else 1.6 * ae_time
-        left = max(self.config.time_budget_minutes * 60 * 0.9 - (time.time() - self._run_start), 0.0)
+        times = self._epoch_times
+        ae_time = float(np.mean(times.get("autoencoder", times.get("diffusion"))))
+        diff_time = float(np.mean(times["diffusion"])) if "diffusion" in times else 1.6 * ae_time
+        left = max(self.config.time_budget_minutes * 60 * 0.9 - self.training_seconds(), 0.0)
         new_ae = self.config.autoencoder_epochs
         if stage == "autoencoder":
             ae_share = self._plan_epochs[0] / max(sum(self._plan_epochs), 1)
@@ -460,7 +507,8 @@ class LatentDiffusionTrainer:
             return
         self.load(latest)
         self.logger.truncate(self.epoch)
-        self.logger.log(f"resuming from {latest} at epoch {self.epoch} (best validation Dice so far {self.best_val_dice:.4f})")
+        self.logger.log(f"resuming from {latest} at epoch {self.epoch} (best validation Dice so far {self.best_val_dice:.4f}, "
+                        f"{self.training_seconds_before / 60:.1f} min trained)")
 
     def _run_epoch(self) -> None:
         stage = self.config.stage_of(self.epoch)
@@ -483,6 +531,7 @@ class LatentDiffusionTrainer:
                 sums[k] = sums.get(k, 0.0) + v
             bar.set_postfix(loss=f"{parts['loss']:.4f}")
         bar.close()
+        self.shutdown()  # the next epoch starts its own stream (see batch_stream); no workers during validation
         n = self.config.iterations_per_epoch
         metrics = {"epoch": self.epoch, "stage": stage, "lr": lr, "train_loss": sums["loss"] / n}
         metrics |= {k: v / n for k, v in sums.items() if k != "loss"}
@@ -499,7 +548,8 @@ class LatentDiffusionTrainer:
         metrics["epoch_time"] = time.time() - start
         self.epoch += 1
         if self.config.time_budget_minutes is not None:
-            self._fit_epochs_to_budget(stage, metrics["epoch_time"])
+            self._epoch_times.setdefault(stage, []).append(metrics["epoch_time"])
+            self._fit_epochs_to_budget(stage)
         # history first: a kill between the two loses nothing (resume trims rows past the checkpoint)
         self.logger.record_epoch(metrics)
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and k not in ("lr",))

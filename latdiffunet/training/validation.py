@@ -16,22 +16,28 @@ from latdiffunet.evaluation.metrics import evaluate_case, summarize
 from latdiffunet.inference.latent_sampling import DiffusionWindowPredictor, reconstruction_window_predictor
 from latdiffunet.inference.sliding_window import sliding_window_predict
 from latdiffunet.training.data_loading import load_preprocessed_case
+from latdiffunet.training.losses import one_hot
 from latdiffunet.utilities.file_io import load_json
 
 
-def foreground_dice(pred: np.ndarray, ref: np.ndarray, num_classes: int) -> float | None:
-    """Mean Dice over the foreground classes present in either mask (None if none is)."""
+def foreground_dice(pred: np.ndarray, ref: np.ndarray, num_classes: int, ignore_label: int | None = None) -> float | None:
+    """Mean Dice over the foreground classes present in either mask (None if none is).
+
+    Voxels the reference marks ``ignore_label`` (unannotated) count for no class, predicted or not.
+    """
+    valid = True if ignore_label is None else ref != ignore_label
     scores = []
     for c in range(1, num_classes):
-        p, r = pred == c, ref == c
+        p, r = (pred == c) & valid, ref == c
         total = int(p.sum()) + int(r.sum())
         if total:
             scores.append(2 * int((p & r).sum()) / total)
     return float(np.mean(scores)) if scores else None
 
 
-def _onehot(seg: np.ndarray, num_classes: int) -> np.ndarray:
-    return (np.arange(num_classes)[:, None, None, None] == np.clip(seg, 0, None)[None]).astype(np.float32)
+def _onehot(seg: np.ndarray, num_classes: int, ignore_label: int | None) -> np.ndarray:
+    """``(Z, Y, X)`` labels -> ``(K, Z, Y, X)``: the autoencoder's input, encoded as in training (:func:`one_hot`)."""
+    return one_hot(torch.from_numpy(seg.astype(np.int64))[None, None], num_classes, ignore_label)[0].numpy()
 
 
 @torch.no_grad()
@@ -46,13 +52,15 @@ def evaluate_model_on_cases(
     num_steps: int | None = None,
     seed: int = 0,
     amp: bool = False,
+    ignore_label: int | None = None,
 ) -> dict:
     """nnU-Net-style summary (``metric_per_case``, ``mean``, ``foreground_mean``) of one model.
 
     ``mode`` is ``"reconstruction"`` (autoencoder on the reference masks) or ``"sampling"``
     (full image -> diffusion samples -> mean probabilities -> argmax). When sampling, the summary
     also holds ``single_sample_foreground_dice``: the mean foreground Dice of each sample on its
-    own, the number a user opening one sample sees, next to the Dice of the mean.
+    own, the number a user opening one sample sees, next to the Dice of the mean. Voxels labelled
+    ``ignore_label`` (unannotated) count in no metric.
     """
     model.eval()
     num_classes = int(configuration["network"]["num_classes"])
@@ -70,16 +78,17 @@ def evaluate_model_on_cases(
     for case_id in case_ids:
         case = load_preprocessed_case(folder, case_id)
         data, seg, props = case["data"], case["seg"], load_json(folder / f"{case_id}.json")
-        inputs = _onehot(seg, num_classes) if mode == "reconstruction" else data
+        inputs = _onehot(seg, num_classes, ignore_label) if mode == "reconstruction" else data
         probs = sliding_window_predict(
             inputs, configuration["patch_size"], predictor, samples, num_classes, device,
             windows_per_batch=max(1, 32 // samples),
         )
         pred = probs.mean(0).argmax(0)
-        metrics = evaluate_case(pred, seg, labels, props["target_spacing"])
+        metrics = evaluate_case(pred, seg, labels, props["target_spacing"], ignore_label)
         per_case.append({"case_id": case_id, "metrics": metrics})
         if mode == "sampling":
-            single += [d for d in (foreground_dice(s, seg, num_classes) for s in probs.argmax(1)) if d is not None]
+            dices = (foreground_dice(s, seg, num_classes, ignore_label) for s in probs.argmax(1))
+            single += [d for d in dices if d is not None]
     summary = summarize(per_case)
     if single:
         summary["single_sample_foreground_dice"] = float(np.mean(single))

@@ -39,7 +39,12 @@ class LatentDiffusionTrainer_vpred(LatentDiffusionTrainer):
 
 @register
 class LatentDiffusionTrainer_epspred(LatentDiffusionTrainer):
-    """eps-prediction, for the comparison the analysis paper made (expected to be worse)."""
+    """eps-prediction, for the comparison the analysis paper made (expected to be worse).
+
+    Sampling clips x0_hat to ``EPS_CLIP_X0`` and the decoded loss caps the gradient of its
+    x0-estimate (see ``diffusion.parameterization``): without both, the comparison measured the
+    20,000x error amplification of x0 = (x_t - sigma eps) / alpha at t = T - 1, not the target.
+    """
 
     diffusion_overrides = {"parameterization": "eps"}
 

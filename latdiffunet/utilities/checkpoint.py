@@ -1,7 +1,8 @@
 """Checkpoints that load with ``torch.load(..., weights_only=True)`` and are written atomically.
 
 Only tensors, numbers, strings, lists and dicts go in, so loading a checkpoint can never execute
-code; RNG states are converted to tensors/lists for the same reason.
+code; RNG states are converted to tensors/lists for the same reason. Training writes them and
+inference reads them, so they live here, below both.
 """
 
 from __future__ import annotations
