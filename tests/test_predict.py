@@ -211,3 +211,35 @@ def test_workers_are_spawned_once_cuda_is_initialised(oblique_3d, tmp_path, monk
                                num_processes=1, case_ids=["synth_000", "synth_001"])
     assert [c.get_start_method() for c in chosen] == ["spawn"]
     assert predicted == ["synth_000", "synth_001"] and (out / "synth_001.nii.gz").is_file()
+
+
+def test_each_fold_samples_with_its_own_diffusion_settings(oblique_3d, tmp_path, monkeypatch):
+    """Folds ensembled together keep their own calibrated temperature (and variant settings): a
+    predictor that kept one fold's ``diffusion`` for all would sample fold 0 at fold 1's scale."""
+    import latdiffunet.inference.predictor as predictor_module
+    from latdiffunet.utilities.checkpoint import load_checkpoint
+
+    source = oblique_3d["res"] / "Dataset902_Oblique" / RUN.format("3d")
+    run = tmp_path / RUN.format("3d")
+    shutil.copytree(source, run)
+    for fold, scale in (("0", 0.25), ("1", 0.75)):
+        path = run / f"fold_{fold}" / "checkpoint_final.pth"
+        state = load_checkpoint(path, torch.device("cpu"))
+        state["diffusion"] = state["diffusion"] | {"noise_scale": scale}
+        save_checkpoint(state, path)
+    seen = []
+    real = predictor_module.DiffusionWindowPredictor
+
+    class Recording(real):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen.append(self.noise_scale)
+
+    monkeypatch.setattr(predictor_module, "DiffusionWindowPredictor", Recording)
+    predictor = LatentDiffusionPredictor(run, ["0", "1"], torch.device("cpu"))
+    pre = np.zeros((1, 4, 6, 5), dtype=np.float32)
+    predictor.sample_probabilities(pre, PredictionSettings(num_samples=1, steps=1, seed=0))
+    assert seen == [0.25, 0.75]
+    seen.clear()
+    predictor.sample_probabilities(pre, PredictionSettings(num_samples=1, steps=1, seed=0, noise_scale=1.0))
+    assert seen == [1.0, 1.0]  # --noise_scale overrides every fold
