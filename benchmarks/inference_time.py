@@ -36,7 +36,7 @@ def main() -> None:
 
     from latdiffunet import paths
     from latdiffunet.inference.cli import find_run_folder
-    from latdiffunet.inference.predict_folder import list_input_cases, predict_folder
+    from latdiffunet.inference.predict_folder import list_input_cases
     from latdiffunet.inference.predictor import LatentDiffusionPredictor, PredictionSettings
     from latdiffunet.raw_dataset import resolve_dataset_name
 
@@ -49,19 +49,29 @@ def main() -> None:
     print(f"device {device}, torch threads {torch.get_num_threads()}, folds {args.folds}, steps {steps}, "
           f"patch {predictor.configuration['patch_size']}, {len(cases) - 1} timed cases")
     for n in args.samples:
-        settings = PredictionSettings(num_samples=n, steps=steps)
-        with tempfile.TemporaryDirectory() as out:
-            predict_folder(Path(args.input), Path(out), predictor, settings, num_processes=0, case_ids=cases[:1])
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            start = time.perf_counter()
-            predict_folder(Path(args.input), Path(out), predictor, settings, num_processes=0, case_ids=cases[1:])
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            per_case = (time.perf_counter() - start) / max(len(cases) - 1, 1)
+        per_case = seconds_per_case(predictor, Path(args.input), cases, PredictionSettings(num_samples=n, steps=steps), device)
         extra = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB" if device.type == "cuda" else ""
         print(f"samples {n:3d} x {len(args.folds)} fold(s): {per_case:.3f} s per case{extra}")
+
+
+def seconds_per_case(predictor, input_folder: Path, cases: list[str], settings, device) -> float:
+    """Mean wall-clock seconds per case of ``cases[1:]``, predicted and written as ``latdiff_predict``
+    does in one process, after ``cases[0]`` as a warm-up (first CUDA kernels, caches); on CUDA the
+    peak-memory counter is reset after the warm-up."""
+    import torch
+
+    from latdiffunet.inference.predict_folder import predict_folder
+
+    with tempfile.TemporaryDirectory() as out:
+        predict_folder(input_folder, Path(out), predictor, settings, num_processes=0, case_ids=cases[:1])
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        predict_folder(input_folder, Path(out), predictor, settings, num_processes=0, case_ids=cases[1:])
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) / max(len(cases) - 1, 1)
 
 
 if __name__ == "__main__":

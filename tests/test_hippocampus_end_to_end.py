@@ -26,8 +26,9 @@ def prepared(tmp_path_factory):
         load_converter("convert_hippocampus").convert(source, env["LATDIFF_RAW"])
         from latdiffunet.experiment_planning.cli import main
 
-        for preset in ("default", "tiny"):
-            assert main(["-d", "4", "--verify_dataset_integrity", "--preset", preset, "-np", "2"]) == 0
+        # explicit target and preset: the references must not depend on whether this machine has a GPU
+        for sizing in (["--target", "gpu"], ["--preset", "tiny"]):
+            assert main(["-d", "4", "--verify_dataset_integrity", *sizing, "-np", "2"]) == 0
         yield env
 
 

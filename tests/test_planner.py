@@ -21,6 +21,7 @@ from latdiffunet.experiment_planning.fingerprint import _objects, _size_summary,
 from latdiffunet.experiment_planning.planner import (
     PRESETS,
     cap_for_isotropy,
+    choose_preset,
     class_weights,
     latent_downsampling,
     load_preset,
@@ -143,13 +144,72 @@ def test_presets_have_one_source_shipped_as_package_data():
     files = sorted(folder.glob("*.json"))
     assert [f.stem for f in files] == sorted(PRESETS)
     for f in files:
-        assert load_preset(f.stem) == json.loads(f.read_text())
+        own = json.loads(f.read_text())
+        base = own.pop("inherits_from", None)  # an inheriting preset is its base plus its own (top-level) keys
+        assert load_preset(f.stem) == (load_preset(base) if base else {}) | own
     setup = configparser.ConfigParser()
     setup.read(REPO_ROOT / "setup.cfg")
     shipped = setup["options.package_data"]["latdiffunet.experiment_planning"].split()
     assert [f for f in files if not any(f.relative_to(folder.parent).match(g) for g in shipped)] == []
     copies = [p for top in ("plans", "latdiffunet") for p in (REPO_ROOT / top).glob("**/presets") if p != folder]
     assert copies == [] and not os.path.lexists(REPO_ROOT / "plans" / "presets")
+
+
+# ------------------------------------------------------------------------------------------------
+# the device the default plans are sized for (issue 11)
+# ------------------------------------------------------------------------------------------------
+SIZING_KEYS = ("patch_size", "batch_size", "latent", "network", "diffusion", "inference", "training")
+
+
+def test_default_plans_are_cpu_sized_without_a_gpu_and_say_why():
+    """No --preset: auto picks the CPU when torch sees no GPU; the plans keep the default identifier
+    (latdiff_train D 0 finds them) with the tiny preset's sizing, and target/target_why say so."""
+    fp = fingerprint(shape=(40, 56, 40))
+    cpu, why = choose_preset(None, "auto", dataset="Dataset999_Test", cuda_available=lambda: False)
+    plans = plan_experiment(fp, cpu, None, why)
+    assert plans["plans_name"] == "latdiffPlans" and plans["target"] == "cpu" and plans["preset"] == "cpu"
+    assert "no CUDA GPU" in plans["target_why"] and "-d Dataset999_Test --target gpu" in plans["target_why"]
+    # 3d epochs cost ~10x on the CPU and latdiff_train takes 3d when planned: 2d only unless asked for
+    assert list(plans["configurations"]) == ["2d"] and "-c 2d 3d" in plans["configurations_why"]
+    both = plan_experiment(fp, cpu, ["2d", "3d"], why)
+    assert list(both["configurations"]) == ["2d", "3d"] and both["configurations_why"] == "chosen with -c"
+    tiny = plan_experiment(fp, load_preset("tiny"))
+    for name, cfg in both["configurations"].items():
+        assert cfg["data_identifier"] == f"latdiffPlans_{name}"
+        assert {k: cfg[k] for k in SIZING_KEYS} == {k: tiny["configurations"][name][k] for k in SIZING_KEYS}
+    gpu, gpu_why = choose_preset(None, "auto", cuda_available=lambda: True)
+    assert gpu == load_preset("default") and "CUDA GPU is visible" in gpu_why and "--target cpu" in gpu_why
+    for target, expected in (("cpu", "cpu"), ("gpu", "default")):  # explicit targets never ask torch
+        chosen, _ = choose_preset(None, target, cuda_available=lambda: pytest.fail("asked for a GPU"))
+        assert chosen["preset"] == expected and chosen["target"] == target
+
+
+def test_gpu_memory_budget_means_gpu_plans_and_a_contradiction_is_a_user_error():
+    chosen, why = choose_preset(None, "auto", gpu_memory_gb=24, cuda_available=lambda: False)
+    assert chosen["target"] == "gpu" and chosen["gpu_memory_budget_gb"] == 24 and "--gpu_memory_gb" in why
+    assert choose_preset("tiny", "auto")[0] == load_preset("tiny")  # an explicit preset keeps its sizing
+    with pytest.raises(UserInputError, match="sized for the cpu, but --target gpu"):
+        choose_preset("tiny", "gpu")
+
+
+def test_cli_default_target_follows_the_machine(tmp_path, monkeypatch, capsys):
+    """``latdiff_plan_and_preprocess -d D`` without --preset/--target writes CPU plans when torch sees
+    no GPU and GPU plans when it sees one, into the same latdiffPlans.json."""
+    from synthetic import make_synthetic_dataset
+
+    from latdiffunet.experiment_planning import planner
+    from latdiffunet.experiment_planning.cli import main
+
+    for key in ("RAW", "PREPROCESSED", "RESULTS"):
+        monkeypatch.setenv(f"LATDIFF_{key}", str(tmp_path / key.lower()))
+    make_synthetic_dataset(tmp_path / "raw", num_cases=4)
+    plans_file = tmp_path / "preprocessed" / "Dataset900_Synth" / "latdiffPlans.json"
+    for cuda, target, preset in ((False, "cpu", "cpu"), (True, "gpu", "default")):
+        monkeypatch.setattr(planner, "cuda_is_available", lambda: cuda)
+        assert main(["-d", "900", "-np", "1", "--no_preprocess"]) == 0
+        plans = json.loads(plans_file.read_text())
+        assert (plans["target"], plans["preset"]) == (target, preset)
+        assert f"plans for the {target}" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -273,8 +333,9 @@ def planned_2d(request, tmp_path_factory):
         load_converter(converter).convert(source, env["LATDIFF_RAW"])
         from latdiffunet.experiment_planning.cli import main
 
-        for preset in ("default", "tiny"):
-            assert main(["-d", dataset_id, "--preset", preset, "-np", "2", "--no_preprocess"]) == 0
+        # explicit target and preset: the references must not depend on whether this machine has a GPU
+        for sizing in (["--target", "gpu"], ["--preset", "tiny"]):
+            assert main(["-d", dataset_id, *sizing, "-np", "2", "--no_preprocess"]) == 0
         yield dataset, env["LATDIFF_PREPROCESSED"] / dataset
 
 

@@ -60,7 +60,9 @@ def _predict(
     out = denoise(x, t_batch)
     if out.shape != x.shape:
         raise ValueError(f"denoiser returned shape {tuple(out.shape)} for input {tuple(x.shape)}")
-    alpha, sigma = schedule.alpha_sigma(t_batch, ndim=x.ndim, dtype=x.dtype)
+    # abar is looked up for a host copy of t: reading t_batch back would make the host wait for the device every step
+    alpha, sigma = (v.to(x.device, non_blocking=True)
+                    for v in schedule.alpha_sigma(torch.full((x.shape[0],), t, dtype=torch.long), ndim=x.ndim, dtype=x.dtype))
     return predict_x0_and_eps(parameterization, out.to(x.dtype), x, alpha, sigma, clip_x0=clip_x0)
 
 

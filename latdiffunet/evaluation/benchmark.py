@@ -174,8 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.output) if args.output else paths.results_root() / name / f"benchmark_{args.configuration}_fold{args.fold}"
     out.mkdir(parents=True, exist_ok=True)
     if not (pre / f"{plans_name}.json").is_file():
-        preset = "tiny" if plans_name.endswith("_tiny") else "default"
-        _run([sys.executable, "-m", "latdiffunet.experiment_planning.cli", "-d", name, "--preset", preset], env, out / "plan.log")
+        # latdiffPlans sized for the device the benchmark trains on, whatever else this machine has
+        sizing = ["--preset", "tiny"] if plans_name.endswith("_tiny") else ["--target", "gpu" if device == "cuda" else "cpu"]
+        _run([sys.executable, "-m", "latdiffunet.experiment_planning.cli", "-d", name, *sizing], env, out / "plan.log")
     splits = load_json(pre / "splits_final.json", "splits_final.json")
     val_cases = splits[args.fold]["val"]
     labels = spec.foreground_labels

@@ -15,9 +15,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fingerprint a raw dataset, plan the experiment and preprocess the data.",
     )
     p.add_argument("-d", "--dataset", nargs="+", required=True, help="dataset ID(s) or name(s), e.g. 4 or Dataset004_Hippocampus")
-    p.add_argument("-c", "--configurations", nargs="+", default=None, help="configurations to plan and preprocess (default: all applicable: 2d, and 3d for volumes)")
-    p.add_argument("--preset", default="default", help="planner preset: default, tiny, or a preset JSON file")
-    p.add_argument("--gpu_memory_gb", type=float, default=None, help="memory budget for patch/batch size (default from the preset: 8 GB)")
+    p.add_argument("-c", "--configurations", nargs="+", default=None, help="configurations to plan and preprocess (default: all applicable, 2d and 3d for volumes; on the CPU target 2d only)")
+    p.add_argument(
+        "--target", default="auto", choices=["auto", "cpu", "gpu"],
+        help="device the default plans (latdiffPlans) are sized for: gpu (preset default), cpu (preset cpu: CPU-sized "
+             "epochs and prediction), or auto (default: gpu when torch sees a CUDA GPU, else cpu)",
+    )
+    p.add_argument("--preset", default=None, help="planner preset instead of the target's: default (GPU), cpu, tiny, or a preset JSON file")
+    p.add_argument("--gpu_memory_gb", type=float, default=None, help="memory budget for patch/batch size (default from the preset: 8 GB; implies --target gpu under auto)")
     p.add_argument("-np", "--num_processes", type=int, default=2, help="worker processes (default 2)")
     p.add_argument("--verify_dataset_integrity", action="store_true", help="check every file first and report all problems")
     p.add_argument("--no_preprocess", action="store_true", help="stop after writing fingerprint and plans")
@@ -33,22 +38,21 @@ def main(argv: list[str] | None = None) -> int:
     from latdiffunet.errors import UserInputError
     from latdiffunet.experiment_planning.fingerprint import FINGERPRINT_VERSION, extract_fingerprint
     from latdiffunet.experiment_planning.integrity import verify_dataset_integrity
-    from latdiffunet.experiment_planning.planner import load_preset, plan_experiment
-    from latdiffunet.preprocessing.preprocessor import preprocess_dataset
+    from latdiffunet.experiment_planning.planner import choose_preset, plan_experiment
+    from latdiffunet.preprocessing.preprocessor import ReadCaseStore, preprocess_dataset
     from latdiffunet.preprocessing.splits import ensure_splits, validate_splits
     from latdiffunet.raw_dataset import list_training_cases, load_dataset, resolve_dataset_name
     from latdiffunet.utilities.file_io import load_json, write_json
 
-    preset = load_preset(args.preset)
-    if args.gpu_memory_gb is not None:
-        preset["gpu_memory_budget_gb"] = args.gpu_memory_gb
+    choose_preset(args.preset, args.target, args.gpu_memory_gb)  # an unknown or contradictory preset fails before any work
     for identifier in args.dataset:
         start = time.time()
         name = resolve_dataset_name(identifier, paths.raw_root())
         spec = load_dataset(paths.raw_root() / name)
         out = paths.preprocessed_root() / name
+        read_cases = ReadCaseStore()  # each case is read and checked once; the later stages of this run reuse it
         if args.verify_dataset_integrity:
-            cases = verify_dataset_integrity(spec, args.num_processes)
+            cases = verify_dataset_integrity(spec, args.num_processes, keep=read_cases)
             print(f"{name}: integrity check passed ({len(cases)} cases)")
         fingerprint_file = out / "dataset_fingerprint.json"
         if fingerprint_file.is_file() and not args.clean:
@@ -60,9 +64,11 @@ def main(argv: list[str] | None = None) -> int:
                 )
             print(f"{name}: reusing {fingerprint_file} (--clean recomputes it)")
         else:
-            fingerprint = extract_fingerprint(spec, args.num_processes)
+            fingerprint = extract_fingerprint(spec, args.num_processes, keep=read_cases)
             write_json(fingerprint, fingerprint_file)
-        plans = plan_experiment(fingerprint, preset, args.configurations)
+        preset, target_why = choose_preset(args.preset, args.target, args.gpu_memory_gb, dataset=name)
+        plans = plan_experiment(fingerprint, preset, args.configurations, target_why)
+        print(f"{name}: plans for the {plans['target']} ({target_why})")
         plans_file = out / f"{plans['plans_name']}.json"
         write_json(plans, plans_file)
         write_json(spec.to_dict() | spec.extra, out / "dataset.json")
@@ -84,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         existing = next((f for f in (out / "splits_final.json", spec.folder / "splits_final.json") if f.is_file()), None)
         if existing is not None:  # checked before the long preprocessing, reused or adopted after it
             validate_splits(load_json(existing, "splits_final.json"), [c.case_id for c in cases], existing)
-        preprocess_dataset(spec, cases, plans, list(plans["configurations"]), out, args.num_processes)
+        preprocess_dataset(spec, cases, plans, list(plans["configurations"]), out, args.num_processes, read_cases)
         splits, how = ensure_splits(out, spec.folder, [c.case_id for c in cases])
         print(f"splits_final.json: {how}; fold sizes (train/val): {[(len(s['train']), len(s['val'])) for s in splits]}")
         print(f"{name}: done in {time.time() - start:.1f} s -> {out}")

@@ -16,15 +16,16 @@ them; the planner uses the weighted one.
 from __future__ import annotations
 
 import sys
+from functools import partial
 
 import numpy as np
 from scipy import ndimage
 
 from latdiffunet.errors import UserInputError
 from latdiffunet.preprocessing.cropping import crop_to_nonzero
-from latdiffunet.preprocessing.preprocessor import read_training_case
+from latdiffunet.preprocessing.preprocessor import ReadCaseStore, read_training_case
 from latdiffunet.raw_dataset import CaseFiles, DatasetSpec, list_training_cases
-from latdiffunet.utilities.parallel import map_with_progress
+from latdiffunet.utilities.parallel import imap_with_progress
 
 INTENSITY_SAMPLES_PER_CASE = 10_000
 FINGERPRINT_VERSION = 1
@@ -40,15 +41,30 @@ def _objects(seg: np.ndarray, label: int) -> list[tuple[list[int], int]]:
     return [([s.stop - s.start for s in box], int(c)) for box, c in zip(ndimage.find_objects(components), counts)]
 
 
-def case_fingerprint(args: tuple[CaseFiles, list[int], int, list[int], int]) -> dict:
+def case_fingerprint(
+    job: tuple[CaseFiles, int],
+    read_cases: ReadCaseStore | None,
+    class_labels: list[int],
+    declared_labels: list[int],
+    num_channels: int,
+) -> dict:
     """Statistics of one case; intensities are a random sample of foreground voxels (seeded).
+    ``job`` is ``(case, seed)``; ``read_cases`` is the parent's :class:`ReadCaseStore` as a forked
+    worker inherits it (None without a store, or under ``spawn``).
 
     The case is checked on the way (:func:`read_training_case`): NaN/inf, label grid, undeclared
-    label values, channel count. A constant image is allowed (a blank scan may be real, and the
-    normalisation copes) but reported as a warning, because it is more often an export error.
+    label values, channel count, unless ``read_cases`` holds it (read and checked already). A
+    constant image is allowed (a blank scan may be real, and the normalisation copes) but reported
+    as a warning, because it is more often an export error. With a store, a case read here and
+    small enough to keep comes back as ``"_read_case"``, so that preprocessing need not read and
+    check it again.
     """
-    case, class_labels, seed, declared_labels, num_channels = args
-    data, segs, geometry = read_training_case(case, declared_labels, num_channels)
+    case, seed = job
+    read = None if read_cases is None else read_cases.get(case.case_id)
+    send_back = read_cases is not None and read is None
+    if read is None:
+        read = read_training_case(case, declared_labels, num_channels)
+    data, segs, geometry = read
     seg = segs[0]
     warnings = [
         f"{case.images[min(c, len(case.images) - 1)]}: image is constant (every voxel {float(channel.flat[0]):g}); "
@@ -76,6 +92,7 @@ def case_fingerprint(args: tuple[CaseFiles, list[int], int, list[int], int]) -> 
         "_intensities": intensities,
         "_channel_minmax": [[float(c.min()), float(c.max())] for c in data],
         "_warnings": warnings,
+        "_read_case": read if send_back and ReadCaseStore.worth_keeping(read) else None,
     }
 
 
@@ -144,8 +161,14 @@ def _size_summary(objects: list[tuple[list[int], int, np.ndarray]]) -> dict:
     }
 
 
-def extract_fingerprint(spec: DatasetSpec, num_processes: int = 2, seed: int = 1234) -> dict:
-    """Fingerprint of all training cases of ``spec`` (reads every case once, in parallel)."""
+def extract_fingerprint(
+    spec: DatasetSpec, num_processes: int = 2, seed: int = 1234, keep: ReadCaseStore | None = None
+) -> dict:
+    """Fingerprint of all training cases of ``spec`` (reads every case once, in parallel).
+
+    ``keep`` receives the cases read, as far as its budget allows, for preprocessing to reuse;
+    cases it holds already (read by the integrity check) are not read again.
+    """
     cases, problems = list_training_cases(spec)
     if problems:
         raise UserInputError(
@@ -156,10 +179,14 @@ def extract_fingerprint(spec: DatasetSpec, num_processes: int = 2, seed: int = 1
         )
     labels = spec.class_labels
     declared = sorted(spec.labels.values())
-    per_case = map_with_progress(
-        case_fingerprint, [(c, labels, seed + i, declared, spec.num_channels) for i, c in enumerate(cases)],
-        num_processes, desc="fingerprint",
-    )
+    work = partial(case_fingerprint, class_labels=labels, declared_labels=declared, num_channels=spec.num_channels)
+    per_case = []
+    jobs = [(c, seed + i) for i, c in enumerate(cases)]
+    for pc in imap_with_progress(work, jobs, num_processes, desc="fingerprint", inherited=keep):
+        read = pc.pop("_read_case")
+        if read is not None:  # taken one at a time, so the budget bounds memory
+            keep.add(pc["case_id"], read)
+        per_case.append(pc)
     for pc in per_case:
         for warning in pc["_warnings"]:
             print(f"warning: {warning}", file=sys.stderr)

@@ -1,25 +1,39 @@
 """``--verify_dataset_integrity``: read every file once and report *all* problems together.
 
 A user fixing a dataset wants the whole list, not one error per run; every line names the file.
+The cases read on the way can be kept (:class:`ReadCaseStore`) for the fingerprint and
+preprocessing of the same run, which then neither read nor check them again.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import numpy as np
 
 from latdiffunet.errors import DatasetIntegrityError, UserInputError
 from latdiffunet.imageio.sitk_io import read_image, read_label
+from latdiffunet.preprocessing.preprocessor import ReadCase, ReadCaseStore
 from latdiffunet.raw_dataset import CaseFiles, DatasetSpec, list_training_cases
-from latdiffunet.utilities.parallel import map_with_progress
+from latdiffunet.utilities.parallel import imap_with_progress
 
 
-def check_case(args: tuple[CaseFiles, list[int], int | None]) -> list[str]:
-    """All problems of one case (empty list when it is fine)."""
-    case, allowed_labels, expected_dim, expected_channels = args
+def check_case(
+    case: CaseFiles,
+    read_cases: ReadCaseStore | None,
+    allowed_labels: list[int],
+    expected_dim: int | None,
+    expected_channels: int,
+) -> tuple[list[str], ReadCase | None]:
+    """All problems of one case (empty list when it is fine), and, for a parent that keeps a
+    :class:`ReadCaseStore` (``read_cases``: the store a forked worker inherits; None without one
+    or under ``spawn``), the case as :func:`read_training_case` reads it when it has no problems
+    and is small enough to keep."""
     problems: list[str] = []
     first_geometry = None
     first_path = None
     channels = 0
+    images, labels = [], []
     for path in case.images:
         try:
             arr, geometry = read_image(path)
@@ -27,6 +41,7 @@ def check_case(args: tuple[CaseFiles, list[int], int | None]) -> list[str]:
             problems.append(str(exc).replace("\n  fix:", " -"))
             continue
         channels += arr.shape[0]
+        images.append(arr)
         if expected_dim is not None and geometry.dimension != expected_dim:
             problems.append(f"{path}: image is {geometry.dimension}D but the dataset's file_ending implies {expected_dim}D")
         if not np.all(np.isfinite(arr)):
@@ -62,19 +77,29 @@ def check_case(args: tuple[CaseFiles, list[int], int | None]) -> list[str]:
             problems.append(
                 f"{label_path}: label values {unexpected} are not declared in dataset.json (allowed: {allowed_labels})"
             )
-    return problems
+        labels.append(seg)
+    if read_cases is None or problems or len(labels) != 1 + len(case.rater_labels):  # a missing file is listed elsewhere
+        return problems, None
+    read = (np.concatenate(images, axis=0), np.stack(labels), first_geometry)  # as read_training_case builds them
+    return problems, read if ReadCaseStore.worth_keeping(read) else None
 
 
-def verify_dataset_integrity(spec: DatasetSpec, num_processes: int = 2) -> list[CaseFiles]:
-    """Raise :class:`DatasetIntegrityError` listing every problem; return the cases when all is well."""
+def verify_dataset_integrity(
+    spec: DatasetSpec, num_processes: int = 2, keep: ReadCaseStore | None = None
+) -> list[CaseFiles]:
+    """Raise :class:`DatasetIntegrityError` listing every problem; return the cases when all is well.
+
+    ``keep`` receives the cases read without problems, as far as its budget allows.
+    """
     cases, problems = list_training_cases(spec)
     allowed = sorted(spec.labels.values())
     expected_dim = 2 if spec.is_2d_format else None
-    per_case = map_with_progress(
-        check_case, [(c, allowed, expected_dim, spec.num_channels) for c in cases], num_processes, desc="verifying dataset"
-    )
-    for case_problems in per_case:
+    work = partial(check_case, allowed_labels=allowed, expected_dim=expected_dim, expected_channels=spec.num_channels)
+    results = imap_with_progress(work, cases, num_processes, desc="verifying dataset", inherited=keep)
+    for i, (case_problems, read) in enumerate(results):  # to its end, so that the bar closes before an error shows
         problems.extend(case_problems)
+        if read is not None:  # taken one at a time, so the budget bounds memory
+            keep.add(cases[i].case_id, read)
     if problems:
         raise DatasetIntegrityError(problems, spec.folder)
     return cases

@@ -14,6 +14,7 @@ import json
 import math
 from importlib import resources
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -24,26 +25,116 @@ from latdiffunet.preprocessing.resampling import ANISOTROPY_THRESHOLD
 from latdiffunet.raw_dataset import is_plain_name
 from latdiffunet.utilities.file_io import load_json
 
-PRESETS = ("default", "tiny")
+PRESETS = ("cpu", "default", "tiny")
+TARGETS = ("auto", "cpu", "gpu")
+# the preset the default invocation (no --preset) plans with, per target device
+PRESET_FOR_TARGET = {"gpu": "default", "cpu": "cpu"}
+WHAT_TARGET_MEANS = {  # formatted with the chosen preset's numbers
+    "cpu": "CPU-sized plans (preset {preset}: small patches and networks, {steps}-step DDIM, {samples} samples), so that "
+           "training epochs and prediction take CPU-sized time; GPU-sized plans: latdiff_plan_and_preprocess -d {dataset} "
+           "--target gpu [--gpu_memory_gb N]",
+    "gpu": "GPU-sized plans (preset {preset}: patch and batch fill a memory budget of {budget:g} GB, {steps}-step DDIM, "
+           "{samples} samples); on a CPU an iteration of them takes seconds: plan for the CPU with "
+           "latdiff_plan_and_preprocess -d {dataset} --target cpu",
+}
+
+
+def _merged(base: dict, overrides: dict) -> dict:
+    """``base`` with ``overrides`` applied; nested objects are merged key by key, so an inheriting
+    preset names only what it changes."""
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = _merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out
 
 
 def load_preset(name_or_path: str) -> dict:
-    """A built-in preset by name, or a JSON file of the same shape."""
+    """A built-in preset by name, or a JSON file of the same shape.
+
+    ``"inherits_from": "<built-in preset>"`` makes a preset the named one plus its own keys (the
+    ``cpu`` preset is ``tiny``'s sizing under the default plans identifier), so the two cannot drift.
+    """
     if name_or_path in PRESETS:
         text = resources.files("latdiffunet.experiment_planning").joinpath(f"presets/{name_or_path}.json").read_text()
-        return json.loads(text)
-    path = Path(name_or_path)
-    if not path.is_file():
-        raise UserInputError(
-            f"unknown preset {name_or_path!r}", fix=f"use one of {', '.join(PRESETS)} or the path of a preset JSON file"
-        )
-    preset = load_json(path, what="preset")
-    if not isinstance(preset, dict) or not is_plain_name(preset.get("plans_name")):
+        preset, path = json.loads(text), None
+    else:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise UserInputError(
+                f"unknown preset {name_or_path!r}", fix=f"use one of {', '.join(PRESETS)} or the path of a preset JSON file"
+            )
+        preset = load_json(path, what="preset")
+        if not isinstance(preset, dict):
+            preset = {}
+    base = preset.pop("inherits_from", None)
+    if base is not None:
+        if base not in PRESETS:
+            raise UserInputError(
+                f"'inherits_from' must name a built-in preset ({', '.join(PRESETS)}), not {base!r}",
+                path=path, fix="name one of them, or write the whole preset out",
+            )
+        preset = _merged(load_preset(base), preset)
+    if not is_plain_name(preset.get("plans_name")):
         raise UserInputError(
             "a preset must be a JSON object whose 'plans_name' is a plain file name (it names the plans file)",
             path=path, fix="start from latdiffunet/experiment_planning/presets/tiny.json",
         )
     return preset
+
+
+def cuda_is_available() -> bool:
+    """Whether torch sees a CUDA GPU; torch is imported only when a plan needs the answer."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def choose_preset(
+    preset: str | None, target: str = "auto", gpu_memory_gb: float | None = None,
+    dataset: str = "DATASET", cuda_available: Callable[[], bool] | None = None,
+) -> tuple[dict, str]:
+    """The preset to plan with, its ``target`` device set, and why that target (``target_why``).
+
+    Without ``--preset`` the target picks it (``PRESET_FOR_TARGET``), and ``auto`` means the GPU
+    when torch sees one, else the CPU: GPU-sized plans on a 2-core machine cost 3 s per training
+    iteration and minutes per validation. ``--gpu_memory_gb`` with ``auto`` means the GPU (someone
+    planning on a login node for a GPU node). An explicit ``--preset`` keeps its own sizing; a
+    ``--target`` that contradicts it is an error rather than silently one or the other.
+    ``cuda_available`` replaces :func:`cuda_is_available` (tests).
+    """
+    if target not in TARGETS:
+        raise UserInputError(f"unknown target {target!r}", fix=f"use one of {', '.join(TARGETS)}")
+    if preset is not None:
+        chosen = load_preset(preset)
+        sized_for = chosen.get("target")
+        if sized_for is not None and target not in ("auto", sized_for):
+            raise UserInputError(
+                f"--preset {preset} is sized for the {sized_for}, but --target {target} was given",
+                fix="drop --preset (the target picks the preset) or drop --target",
+            )
+        if sized_for is None:  # a preset file written before presets named their target
+            chosen["target"] = "gpu" if target == "auto" else target
+            why = f"--preset {preset} names no target; {'--target ' + target if target != 'auto' else 'assumed gpu'}"
+        else:
+            why = f"--preset {preset}, which is sized for the {sized_for}"
+    else:
+        if target != "auto":
+            why = f"--target {target}"
+        elif gpu_memory_gb is not None:
+            target, why = "gpu", "--target auto with --gpu_memory_gb given"
+        elif (cuda_available or cuda_is_available)():
+            target, why = "gpu", "--target auto and a CUDA GPU is visible"
+        else:
+            target, why = "cpu", "--target auto and no CUDA GPU is visible (torch.cuda.is_available() is False)"
+        chosen = load_preset(PRESET_FOR_TARGET[target])
+    if gpu_memory_gb is not None:
+        chosen["gpu_memory_budget_gb"] = gpu_memory_gb
+    if preset is None:
+        why += ": " + WHAT_TARGET_MEANS[target].format(
+            preset=chosen["preset"], steps=chosen["diffusion"]["sampling_steps"], samples=chosen["inference"]["num_samples"],
+            budget=chosen["gpu_memory_budget_gb"], dataset=dataset,
+        )
+    return chosen, why
 
 
 REQUIRED_CONFIGURATION_KEYS = (
@@ -401,10 +492,24 @@ def plan_configuration(fingerprint: dict, preset: dict, config_name: str, plans_
     }
 
 
-def plan_experiment(fingerprint: dict, preset: dict, configurations: list[str] | None = None) -> dict:
-    """Plans for every applicable configuration: ``2d`` always, ``3d`` for volumetric data."""
+def plan_experiment(
+    fingerprint: dict, preset: dict, configurations: list[str] | None = None, target_why: str | None = None
+) -> dict:
+    """Plans for ``configurations``, by default every applicable one (``2d`` always, ``3d`` for
+    volumetric data) that the preset's ``default_configurations`` (if any) allows.
+
+    ``target`` records the device the plans are sized for (training warns when it runs elsewhere),
+    ``target_why`` how it was chosen (see :func:`choose_preset`), ``configurations_why`` why these.
+    """
     available = ["2d"] if fingerprint["is_2d_dataset"] else ["2d", "3d"]
-    wanted = configurations or available
+    if configurations:
+        wanted, configurations_why = configurations, "chosen with -c"
+    else:
+        wanted = [c for c in available if c in preset.get("default_configurations", available)] or available
+        configurations_why = (
+            "every configuration that applies (2d, and 3d for volumetric data)" if wanted == available
+            else preset["default_configurations_why"]
+        )
     for c in wanted:
         if c not in available:
             raise UserInputError(
@@ -415,6 +520,9 @@ def plan_experiment(fingerprint: dict, preset: dict, configurations: list[str] |
         "dataset_name": fingerprint["dataset_name"],
         "plans_name": plans_name,
         "preset": preset["preset"],
+        "target": preset.get("target", "gpu"),
+        "target_why": target_why or f"preset {preset['preset']}, which is sized for the {preset.get('target', 'gpu')}",
+        "configurations_why": configurations_why,
         "generated_by": f"latdiffunet {__version__}",
         "labels": fingerprint["labels"],
         "channel_names": fingerprint["channel_names"],

@@ -87,6 +87,8 @@ class ImageGeometry:
 
     def matches(self, other: "ImageGeometry", tolerance: float = 1e-4) -> list[str]:
         """Names of the geometry fields that differ (empty when they agree)."""
+        if self == other:  # the usual case: one tuple comparison instead of three np.allclose per label read
+            return []
         problems = []
         if self.size != other.size:
             problems.append(f"shape {list(self.size)} vs {list(other.size)}")
@@ -117,7 +119,7 @@ def _read_sitk(path: Path) -> sitk.Image:
             fix="re-export or re-copy the file; an interrupted download or copy leaves such files",
         )
     try:
-        img = sitk.ReadImage(str(path))
+        img = _read_with_known_io(path)
     except RuntimeError as exc:
         # ITK's last line is the most specific, except a trailing "Reason: <stale errno text>"
         # (a truncated .mha says "No such file or directory")
@@ -133,6 +135,28 @@ def _read_sitk(path: Path) -> sitk.Image:
     if file_ending_of(path) in (".nii", ".nii.gz"):
         _check_nifti_voxels(path)
     return img
+
+
+# ITK reader per file ending where naming it saves much of a small file's read time
+_IMAGE_IO_BY_ENDING = {".png": "PNGImageIO"}
+
+
+def _read_with_known_io(path: Path) -> sitk.Image:
+    """``sitk.ReadImage``, without asking every ITK reader whether it can read a 16 KB PNG.
+
+    Without a named reader ITK's factory asks the registered ImageIOs in turn, which costs about
+    a sixth of reading a 128x128 PNG (measured), on every one of a 2D dataset's thousands of
+    files. A file the named reader refuses (damaged, or content not matching its ending: ITK's
+    factory reads a BMP named .png) is read as before, so results and error messages stay those
+    of the factory's choice.
+    """
+    io_name = _IMAGE_IO_BY_ENDING.get(file_ending_of(path))
+    if io_name is not None:
+        try:
+            return sitk.ReadImage(str(path), imageIO=io_name)
+        except RuntimeError:
+            pass
+    return sitk.ReadImage(str(path))
 
 
 # NIfTI datatype codes whose voxels are IEEE floats (complex types: pairs of them), as numpy kinds

@@ -8,6 +8,7 @@ put a prediction back into the original geometry (bounding box, shapes, SimpleIT
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,63 @@ from latdiffunet.utilities.file_io import save_npz, write_json
 from latdiffunet.utilities.parallel import map_with_progress
 
 LOCATIONS_PER_CLASS = 1000
+
+ReadCase = tuple[np.ndarray, np.ndarray, ImageGeometry]
+"""What :func:`read_training_case` returns: images ``(C, Z, Y, X)``, labels ``(1 + raters, Z, Y, X)``, geometry."""
+
+KEEP_CASE_MAX_BYTES = 4 << 20
+"""Largest read case (images + labels) that :class:`ReadCaseStore` keeps: a 2D slice or a small
+volume, whose reading costs about as much as preprocessing it. Large volumes cost far more to
+resample than to read and would fill the memory budget with a handful of cases."""
+
+KEEP_CASES_MAX_TOTAL_BYTES = 2 << 30
+
+
+def _default_store_budget() -> int:
+    """2 GiB, or a quarter of the free memory when that is less (1/2 GiB where it is unknown)."""
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # not every platform reports free memory
+        return KEEP_CASES_MAX_TOTAL_BYTES // 4
+    return int(min(KEEP_CASES_MAX_TOTAL_BYTES, free // 4))
+
+
+class ReadCaseStore:
+    """Training cases already read and checked, held for the next pass over the dataset.
+
+    The integrity check and the fingerprint read and check every training case; preprocessing
+    needs the same arrays, for each configuration. For thousands of 2D slices reading (six small
+    PNGs per LIDC case) is most of the cost of each pass, so the first pass of a run hands the
+    small cases it read to the next ones instead of having them read and checked again. Cases
+    larger than :data:`KEEP_CASE_MAX_BYTES` or beyond ``budget_bytes`` in all are not kept; they
+    are read again. The arrays are shared, never modified: preprocessing only reads its inputs.
+    """
+
+    def __init__(self, budget_bytes: int | None = None) -> None:
+        self.budget_bytes = _default_store_budget() if budget_bytes is None else int(budget_bytes)
+        self.used_bytes = 0
+        self._cases: dict[str, ReadCase] = {}
+
+    @staticmethod
+    def worth_keeping(case: ReadCase) -> bool:
+        """Whether ``case`` is small enough to keep (decided in the worker that read it, so that
+        large volumes are never sent back to the parent)."""
+        return case[0].nbytes + case[1].nbytes <= KEEP_CASE_MAX_BYTES
+
+    def add(self, case_id: str, case: ReadCase) -> bool:
+        """Keep ``case`` if it is small and fits the budget; return whether it was kept."""
+        size = case[0].nbytes + case[1].nbytes
+        if not self.worth_keeping(case) or self.used_bytes + size > self.budget_bytes:
+            return False
+        self._cases[case_id] = case
+        self.used_bytes += size
+        return True
+
+    def get(self, case_id: str) -> ReadCase | None:
+        return self._cases.get(case_id)
+
+    def __len__(self) -> int:
+        return len(self._cases)
 
 
 def target_spacing_for_case(configuration: dict, case_spacing_zyx: tuple[float, ...]) -> list[float]:
@@ -89,9 +147,7 @@ def sample_class_locations(seg: np.ndarray, classes: list[int], rng: np.random.G
     return out
 
 
-def read_training_case(
-    case: CaseFiles, label_values: list[int], num_channels: int | None = None
-) -> tuple[np.ndarray, np.ndarray, ImageGeometry]:
+def read_training_case(case: CaseFiles, label_values: list[int], num_channels: int | None = None) -> ReadCase:
     """Images ``(C, Z, Y, X)`` and labels ``(1 + raters, Z, Y, X)`` of one training case.
 
     Refuses what would otherwise train silently on wrong data (``--verify_dataset_integrity``
@@ -133,19 +189,35 @@ def read_training_case(
     return data, np.stack(segs), geometry
 
 
-def _preprocess_training_case(args: tuple) -> dict:
-    case, spec_labels, ignore_label, num_channels, plans, config_name, out_dir, seed = args
-    data, segs, geometry = read_training_case(case, spec_labels, num_channels)
-    data, segs, props = preprocess_case(data, segs, geometry, plans, config_name, spec_labels)
+def _preprocess_training_case(
+    job: tuple[CaseFiles, int],
+    read_cases: ReadCaseStore | None,
+    labels: list[int],
+    ignore_label: int | None,
+    num_channels: int,
+    plans: dict,
+    config_name: str,
+    out_dir: Path,
+) -> dict:
+    """Preprocess and write one case; ``job`` is ``(case, seed)``, ``read_cases`` the parent's
+    store as a forked worker inherits it (None under ``spawn``: every case is read then).
+
+    The rest is the same for every case and is bound with ``functools.partial``, so the plans
+    travel to a worker once per chunk of cases, not once per case.
+    """
+    case, seed = job
+    read = None if read_cases is None else read_cases.get(case.case_id)
+    data, segs, geometry = read if read is not None else read_training_case(case, labels, num_channels)
+    data, segs, props = preprocess_case(data, segs, geometry, plans, config_name, labels)
     rng = np.random.default_rng(seed)
-    foreground = [v for v in spec_labels if v not in (0, ignore_label)]  # oversampling never centres on unannotated voxels
+    foreground = [v for v in labels if v not in (0, ignore_label)]  # oversampling never centres on unannotated voxels
     locations = sample_class_locations(segs[0], foreground, rng)
     arrays = {"data": data.astype(np.float32), "seg": segs[0]}
     if len(segs) > 1:
         arrays["seg_raters"] = segs[1:]
     save_npz(out_dir / f"{case.case_id}.npz", **arrays, **locations)
     props["case_id"] = case.case_id
-    props["class_voxels"] = {str(c): int((segs[0] == c).sum()) for c in spec_labels}
+    props["class_voxels"] = {str(c): int((segs[0] == c).sum()) for c in labels}
     props["num_locations_per_class"] = {k.split("_")[1]: int(len(v)) for k, v in locations.items()}
     props["arrays"] = "data (C,Z,Y,X) float32, seg (Z,Y,X) int8, seg_raters (R,Z,Y,X) if several raters, locations_<class> (N,3)"
     write_json(props, out_dir / f"{case.case_id}.json")
@@ -159,14 +231,23 @@ def preprocess_dataset(
     configuration_names: list[str],
     output_folder: Path,
     num_processes: int = 2,
+    read_cases: ReadCaseStore | None = None,
 ) -> None:
-    """Write ``<output_folder>/<data_identifier>/CASE.npz`` + ``CASE.json`` for every case."""
+    """Write ``<output_folder>/<data_identifier>/CASE.npz`` + ``CASE.json`` for every case.
+
+    ``read_cases`` holds cases read and checked earlier in this run (integrity check, fingerprint):
+    the same arrays as a new read would give; the others are read from the raw files.
+    """
     labels = sorted(spec.labels.values())
     for name in configuration_names:
         out_dir = output_folder / plans["configurations"][name]["data_identifier"]
         out_dir.mkdir(parents=True, exist_ok=True)
-        jobs = [(c, labels, spec.ignore_label, spec.num_channels, plans, name, out_dir, 1234 + i) for i, c in enumerate(cases)]
-        map_with_progress(_preprocess_training_case, jobs, num_processes, desc=f"preprocessing {name}")
+        work = partial(
+            _preprocess_training_case, labels=labels, ignore_label=spec.ignore_label, num_channels=spec.num_channels,
+            plans=plans, config_name=name, out_dir=out_dir,
+        )
+        jobs = [(c, 1234 + i) for i, c in enumerate(cases)]
+        map_with_progress(work, jobs, num_processes, desc=f"preprocessing {name}", inherited=read_cases)
         expected = {f"{c.case_id}.npz" for c in cases} | {f"{c.case_id}.json" for c in cases}
         for stale in os.listdir(out_dir):  # cases removed from the raw folder since the last run
             if stale.endswith((".npz", ".json")) and stale not in expected:

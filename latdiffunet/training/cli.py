@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
+from latdiffunet.training.config import TrainerConfig
 from latdiffunet.utilities.cli import friendly_errors, set_cpu_friendly_threading
+
+if TYPE_CHECKING:
+    import torch
+
+    from latdiffunet.training.distributed import DistributedContext
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -13,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset", help="dataset ID or name, e.g. 4 or Dataset004_Hippocampus")
     p.add_argument("fold", help="fold 0-4, or 'all' (train on every case, no validation)")
     p.add_argument("-c", "--configuration", default=None, help="2d or 3d (default: 3d when planned, else 2d)")
-    p.add_argument("-p", "--plans", default="latdiffPlans", help="plans identifier (default latdiffPlans; latdiffPlans_tiny for the CPU preset)")
+    p.add_argument("-p", "--plans", default="latdiffPlans", help="plans identifier (default latdiffPlans: sized for the CPU or the GPU, see latdiff_plan_and_preprocess --target; latdiffPlans_tiny for the tiny preset)")
     p.add_argument("-tr", "--trainer", default="LatentDiffusionTrainer", help="trainer class name (variants: see latdiffunet/training/variants.py)")
     p.add_argument("--epochs", type=int, default=None, help="total epochs of both stages; split between them like the plans' ratio")
     p.add_argument("--ae-epochs", type=int, default=None, help="autoencoder epochs (default: from the plans or --epochs)")
@@ -24,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=None, help="augmentation worker processes (0 = in the main process)")
     p.add_argument("--c", dest="resume", action="store_true", help="continue from checkpoint_latest.pth")
     p.add_argument("--val-only", action="store_true", help="only run the final validation of a trained fold")
+    p.add_argument("--nproc", "--num-gpus", dest="nproc", type=int, default=1, metavar="N",
+                   help="train data-parallel in N processes on this machine, one per GPU (on the CPU: gloo), started "
+                        "through torchrun; the plans' batch size is the global batch and N must divide it. Several "
+                        "machines: start torchrun yourself (README, 'Many GPUs / a cluster')")
     return p
 
 
@@ -36,18 +49,110 @@ def split_epochs(total: int, plan_ae: int, plan_diffusion: int) -> tuple[int, in
     return ae, total - ae
 
 
+@dataclass
+class TrainingRun:
+    """Everything ``latdiff_train`` resolved from its arguments, before any process trains."""
+
+    trainer_class: type
+    plans: dict
+    configuration: str
+    fold: int | str
+    preprocessed: Path
+    output: Path
+    config: TrainerConfig
+    splits: list[dict]
+    raw: Path | None
+
+
 @friendly_errors
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     set_cpu_friendly_threading()
     import torch
 
+    from latdiffunet.errors import UserInputError
+    from latdiffunet.training.distributed import DistributedContext, destroy_process_group, init_process_group, launch_torchrun
+
+    context = DistributedContext.from_environment()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    run = resolve_run(args, device)  # user errors are reported here, once, before any process starts
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserInputError("--device cuda but no CUDA GPU is visible", fix="use --device cpu")
+    if not args.val_only:  # validation runs in one process anyway
+        _check_processes(args.nproc, context, device, run.config.batch_size or run.plans["configurations"][run.configuration]["batch_size"])
+        if args.nproc > 1 and not context.enabled:
+            return launch_torchrun(args.nproc, "latdiffunet.training.cli", argv_without_nproc(argv))
+
+    if context.enabled:
+        device = context.device(device.type)
+        init_process_group(context, device)
+    try:
+        trainer = run.trainer_class(run.plans, run.configuration, run.fold, run.preprocessed, run.output, device, run.config,
+                                    run.splits, run.raw, distributed=context)
+        if args.val_only:
+            summary = {}
+            if context.is_main:  # the other processes have nothing to do
+                trainer._write_run_files()
+                summary = trainer.final_validation()
+        else:
+            summary = trainer.run(resume=args.resume)
+    finally:
+        destroy_process_group()
+    if summary:
+        print(f"validation mean foreground Dice: {summary['foreground_mean']['Dice']:.4f} -> {run.output / 'validation' / 'summary.json'}")
+    return 0
+
+
+def argv_without_nproc(argv: list[str]) -> list[str]:
+    """``argv`` without ``--nproc N`` / ``--num-gpus N`` (any spelling argparse accepted) for the
+    processes torchrun starts: torchrun parses the arguments it passes on as well and stops at
+    ``--nproc``, an ambiguous abbreviation of its own ``--nproc-per-node``."""
+    kept, skip_value = [], False
+    for token in argv:
+        if skip_value:
+            skip_value = False
+            continue
+        name = token.split("=", 1)[0]
+        if len(name) > 2 and name.startswith("--") and ("--nproc".startswith(name) or "--num-gpus".startswith(name)):
+            skip_value = "=" not in token
+            continue
+        kept.append(token)
+    return kept
+
+
+def _check_processes(nproc: int, context: "DistributedContext", device: "torch.device", global_batch: int) -> None:
+    """Refuse process counts that cannot work, before torchrun starts any (``context`` holds
+    several processes when this one already runs inside torchrun)."""
+    import torch
+
+    from latdiffunet.errors import UserInputError
+    from latdiffunet.training.distributed import local_batch_size
+
+    if nproc < 1:
+        raise UserInputError(f"--nproc must be >= 1, got {nproc}")
+    if context.enabled and nproc not in (1, context.world_size):
+        raise UserInputError(f"--nproc {nproc} inside torchrun's {context.world_size} processes",
+                             fix="leave --nproc out when starting torchrun yourself")
+    processes = context.world_size if context.enabled else nproc
+    if processes == 1:
+        return
+    if device.type == "mps":
+        raise UserInputError("several processes need CUDA (NCCL) or the CPU (gloo), not MPS", fix="use --device cpu")
+    if device.type == "cuda" and not context.enabled and nproc > torch.cuda.device_count():
+        raise UserInputError(f"--nproc {nproc} but {torch.cuda.device_count()} CUDA device(s) visible",
+                             fix=f"use --nproc {torch.cuda.device_count()} or fewer (one process per GPU)")
+    local_batch_size(global_batch, processes)
+
+
+def resolve_run(args: argparse.Namespace, device: "torch.device") -> TrainingRun:
+    """Dataset, plans, configuration, fold, splits and trainer options from the arguments; every
+    problem a user can fix is a :class:`UserInputError` naming the file."""
     from latdiffunet import paths
     from latdiffunet.errors import UserInputError
     from latdiffunet.experiment_planning.planner import load_plans
     from latdiffunet.preprocessing.splits import validate_splits
     from latdiffunet.raw_dataset import parse_dataset_json, resolve_dataset_name
-    from latdiffunet.training.config import TrainerConfig
     from latdiffunet.training.variants import get_trainer_class
     from latdiffunet.utilities.file_io import load_json
 
@@ -87,9 +192,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.epochs is not None:
         ae, diff = split_epochs(args.epochs, config.autoencoder_epochs, config.diffusion_epochs)
         config = config.with_overrides(autoencoder_epochs=ae, diffusion_epochs=diff)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserInputError("--device cuda but no CUDA GPU is visible", fix="use --device cpu")
     workers = args.num_workers if args.num_workers is not None else (4 if device.type == "cuda" else 1)
     config = config.with_overrides(
         autoencoder_epochs=args.ae_epochs, iterations_per_epoch=args.iters_per_epoch, batch_size=args.batch_size, num_workers=workers,
@@ -106,15 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             diff_total = config.total_epochs - int(saved["autoencoder_epochs"])
             config = config.with_overrides(autoencoder_epochs=int(saved["autoencoder_epochs"]), diffusion_epochs=max(diff_total, 0))
     raw = paths.raw_root() / name
-    trainer = trainer_class(plans, configuration, fold, pre, output, device, config, splits, raw if raw.is_dir() else None)
-    if args.val_only:
-        trainer._write_run_files()
-        summary = trainer.final_validation()
-    else:
-        summary = trainer.run(resume=args.resume)
-    if summary:
-        print(f"validation mean foreground Dice: {summary['foreground_mean']['Dice']:.4f} -> {output / 'validation' / 'summary.json'}")
-    return 0
+    return TrainingRun(trainer_class, plans, configuration, fold, pre, output, config, splits, raw if raw.is_dir() else None)
 
 
 def _int_fold(text: str) -> int:

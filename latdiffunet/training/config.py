@@ -48,9 +48,13 @@ class TrainerConfig:
     calibrate_noise_scale: bool = True  # pick the sampling temperature on validation cases (lowest GED)  # fraction of the diffusion stage trained before it is switched on
     sample_loss_steps: int | None = None  # None: the plans' sampling steps
     kl_weight: float = 1e-6
+    # steps between reads of the running loss for the progress bar: each read makes the host wait for the GPU
+    loss_readout_every: int = 25
     validation_cases: int = 10  # during training; the final validation uses all of the fold's cases
+    # periodic validation's share of the time at most (validation_pacing.py); 1 validates every validation_every epochs
+    validation_max_time_fraction: float = 0.1
     validation_samples: int | None = None  # None: plans' inference.num_samples
-    batch_size: int | None = None  # None: the plans' batch size
+    batch_size: int | None = None  # None: the plans' batch size; the global batch, split evenly over data-parallel processes
     time_budget_minutes: float | None = None  # wall clock for the whole run; epochs are rescaled to fit
 
     @property

@@ -10,16 +10,23 @@ from latdiffunet.utilities.file_io import atomic_path, load_json, write_json
 
 
 class TrainingLogger:
-    """Append-only epoch history that survives resume (it is reloaded from ``metrics.json``)."""
+    """Append-only epoch history that survives resume (it is reloaded from ``metrics.json``).
 
-    def __init__(self, folder: Path, echo: bool = True):
+    ``active=False`` (every process but rank 0 of a data-parallel run) writes and prints nothing:
+    one run, one log.
+    """
+
+    def __init__(self, folder: Path, echo: bool = True, active: bool = True):
         self.folder = folder
         self.echo = echo
+        self.active = active
         self.history_file = folder / "metrics.json"
         self.log_file = folder / "training_log.txt"
         self.history: list[dict] = load_json(self.history_file) if self.history_file.is_file() else []
 
     def log(self, message: str) -> None:
+        if not self.active:
+            return
         stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
         with open(self.log_file, "a", encoding="utf-8") as f:
             f.write(f"{stamp}: {message}\n")
@@ -31,6 +38,8 @@ class TrainingLogger:
         self.history = [h for h in self.history if h["epoch"] < epochs_done]
 
     def record_epoch(self, metrics: dict) -> None:
+        if not self.active:
+            return
         self.history.append(metrics)
         write_json(self.history, self.history_file)
         self.plot()
@@ -81,4 +90,5 @@ class TrainingLogger:
         plt.close(fig)
 
     def write_json(self, name: str, obj: object) -> None:
-        write_json(obj, self.folder / name)
+        if self.active:
+            write_json(obj, self.folder / name)

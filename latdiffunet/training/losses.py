@@ -8,12 +8,56 @@ The ignore label (nnU-Net's sparse annotation: ``dataset.json`` ``"ignore"``, al
 value, ``num_classes``) has one convention, here, for every stage: :func:`one_hot` encodes an
 ignore voxel as background and :func:`valid_mask` marks it 0; every loss (cross-entropy, Dice,
 the latent loss, the energy score) and every validation metric leaves it out, as nnU-Net does.
+
+Losses that are not a mean over images (batch soft Dice, the class-weighted cross-entropy, masked
+means: their denominators depend on the whole batch) take a ``batch_sum``: it sums a statistic
+over every process that holds part of the batch (an all-reduce that autograd differentiates, see
+``distributed.py``), so that data-parallel training optimises the loss of the global batch, not
+the mean of per-process losses. In one process it is the identity. Plain means over images need
+none: every process holds an equal share of the batch.
+
+No value is read back to the host here (no ``.item()``): the parts for logging are detached
+tensors, which the trainer reads once every few steps, so a GPU never waits for the CPU.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
+
+BatchSum = Callable[[torch.Tensor], torch.Tensor]
+DICE_SMOOTH = 1e-5  # keeps Dice defined for a class absent from prediction and target
+
+
+def single_process_sum(statistic: torch.Tensor) -> torch.Tensor:
+    """The :data:`BatchSum` of one process: it holds the whole batch."""
+    return statistic
+
+
+def check_label_values(seg: torch.Tensor, num_classes: int, ignore_label: int | None = None) -> None:
+    """Refuse label values that are neither a class (0..num_classes-1) nor the ignore label.
+
+    Reads the values, so call it where they are on the host (the trainer checks every batch
+    before copying it to the device: there it costs no wait for the device). One pass over the
+    batch when all values are allowed: the ignore label is the highest value, ``num_classes``.
+    """
+    if seg.numel() == 0:
+        return
+    lowest, highest = (int(v) for v in torch.aminmax(seg))
+    if lowest >= 0 and highest <= (num_classes if ignore_label == num_classes else num_classes - 1):
+        return
+    labels = seg.long()
+    bad = (labels < 0) | (labels >= num_classes)
+    if ignore_label is not None:
+        bad &= labels != ignore_label
+    if bool(bad.any()):
+        found = sorted(set(torch.unique(labels[bad]).tolist()))
+        raise ValueError(
+            f"label values {found} are neither a class (0..{num_classes - 1}) nor the ignore label ({ignore_label}); "
+            "the preprocessed data does not match the plans: rerun latdiff_plan_and_preprocess"
+        )
 
 
 def class_indices(seg: torch.Tensor, num_classes: int, ignore_label: int | None = None) -> torch.Tensor:
@@ -21,16 +65,14 @@ def class_indices(seg: torch.Tensor, num_classes: int, ignore_label: int | None 
 
     A value that is neither a class nor the ignore label is an error rather than clamped to the
     last class: clamping is how unannotated voxels used to be trained as the last foreground class.
+    The check (:func:`check_label_values`) runs on CPU tensors only: on an accelerator it would
+    make the host wait for the device at every call, so the trainer checks each batch on the host.
     """
+    if seg.device.type == "cpu":
+        check_label_values(seg, num_classes, ignore_label)
     labels = seg[:, 0].long()
     if ignore_label is not None:
         labels = labels.masked_fill(labels == ignore_label, 0)
-    if bool(((labels < 0) | (labels >= num_classes)).any()):
-        found = sorted(set(torch.unique(labels).tolist()) - set(range(num_classes)))
-        raise ValueError(
-            f"label values {found} are neither a class (0..{num_classes - 1}) nor the ignore label ({ignore_label}); "
-            "the preprocessed data does not match the plans: rerun latdiff_plan_and_preprocess"
-        )
     return labels
 
 
@@ -66,27 +108,40 @@ def latent_valid_fraction(valid: torch.Tensor, latent_shape: torch.Size) -> torc
     return F.interpolate(valid, size=tuple(latent_shape[2:]), mode="area")
 
 
-def weighted_mean(values: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
-    """Mean of ``values`` weighted by ``weight`` (broadcast to it); the plain mean when None, 0 when all weights are 0."""
+def weighted_mean(
+    values: torch.Tensor, weight: torch.Tensor | None, batch_sum: BatchSum = single_process_sum
+) -> torch.Tensor:
+    """Mean of ``values`` weighted by ``weight`` (broadcast to it); the plain mean when None, 0 when all weights are 0.
+
+    With a weight, numerator and denominator are summed over the whole batch (``batch_sum``);
+    the plain mean is a mean over equal shares and needs no sum.
+    """
     if weight is None:
         return values.mean()
     weight = weight.expand_as(values)
-    return (values * weight).sum() / weight.sum().clamp_min(1e-8)
+    totals = batch_sum(torch.stack([(values * weight).sum(), weight.sum()]))
+    return totals[0] / totals[1].clamp_min(1e-8)
 
 
-def soft_dice_loss(
-    logits: torch.Tensor, target_onehot: torch.Tensor, smooth: float = 1e-5, valid: torch.Tensor | None = None
-) -> torch.Tensor:
-    """1 - mean soft Dice over foreground classes (batch Dice: sums over batch and space).
+def _dice_statistics(
+    logits: torch.Tensor, target_onehot: torch.Tensor, valid: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Soft Dice's statistics per class, summed over batch and space (batch Dice):
+    ``(intersection, |prediction| + |target|)``.
 
-    ``valid`` ``(B, 1, *S)`` zeroes prediction and target on unannotated voxels (nnU-Net's masked Dice).
+    ``valid`` ``(B, 1, *S)`` zeroes prediction and target on unannotated voxels (nnU-Net's masked
+    Dice). Batch Dice is kept under data parallelism (rather than per-image Dice, which would
+    change what one process optimises): the caller sums these over the global batch.
     """
     probs = logits.softmax(1)
     if valid is not None:
         probs, target_onehot = probs * valid, target_onehot * valid
     axes = [0] + list(range(2, logits.ndim))
-    intersect = (probs * target_onehot).sum(axes)
-    denom = probs.sum(axes) + target_onehot.sum(axes)
+    return (probs * target_onehot).sum(axes), probs.sum(axes) + target_onehot.sum(axes)
+
+
+def _dice_loss_from_statistics(intersect: torch.Tensor, denom: torch.Tensor, smooth: float = DICE_SMOOTH) -> torch.Tensor:
+    """1 - mean soft Dice over the foreground classes (over all classes when there is only one)."""
     dice = (2 * intersect + smooth) / (denom + smooth)
     return 1 - dice[1:].mean() if dice.numel() > 1 else 1 - dice.mean()
 
@@ -97,23 +152,33 @@ def segmentation_loss(
     class_weights: torch.Tensor | None,
     dice_weight: float = 1.0,
     ignore_label: int | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Weighted cross-entropy + soft Dice over the annotated voxels; returns the loss and its parts for logging.
+    image_weight: torch.Tensor | None = None,
+    batch_sum: BatchSum = single_process_sum,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Weighted cross-entropy + soft Dice over the annotated voxels; returns the loss and its parts
+    (detached tensors) for logging.
 
     The cross-entropy is PyTorch's class-weighted mean (sum of weighted losses / sum of weights)
     restricted to annotated voxels, written out so a patch without any annotated voxel gives 0
-    rather than NaN.
+    rather than NaN. ``image_weight`` ``(B,)`` 0/1 leaves whole images out (as if unannotated):
+    a mask rather than an index, so nothing depends on how many are left. Both terms sum over
+    the whole batch (``batch_sum``), in one reduction.
     """
     num_classes = logits.shape[1]
     labels = class_indices(seg, num_classes, ignore_label)
     valid = valid_mask(seg, ignore_label)
+    if image_weight is not None:
+        per_image = image_weight.to(logits.device, torch.float32).view(-1, *([1] * (seg.ndim - 1)))
+        valid = per_image.expand(seg.shape) if valid is None else valid * per_image
     per_voxel = F.cross_entropy(logits.float(), labels, weight=class_weights, reduction="none")  # w[y] * loss
     voxel_weight = class_weights[labels] if class_weights is not None else torch.ones_like(per_voxel)
     if valid is not None:
         per_voxel, voxel_weight = per_voxel * valid[:, 0], voxel_weight * valid[:, 0]
-    ce = per_voxel.sum() / voxel_weight.sum().clamp_min(1e-8)
-    dice = soft_dice_loss(logits.float(), _indices_to_one_hot(labels, num_classes), valid=valid)
-    return ce + dice_weight * dice, {"ce": ce.item(), "dice_loss": dice.item()}
+    intersect, denom = _dice_statistics(logits.float(), _indices_to_one_hot(labels, num_classes), valid)
+    totals = batch_sum(torch.cat([per_voxel.sum()[None], voxel_weight.sum()[None], intersect, denom]))
+    ce = totals[0] / totals[1].clamp_min(1e-8)
+    dice = _dice_loss_from_statistics(totals[2:2 + num_classes], totals[2 + num_classes:])
+    return ce + dice_weight * dice, {"ce": ce.detach(), "dice_loss": dice.detach()}
 
 
 def soft_jaccard_distance(
@@ -153,7 +218,7 @@ def soft_jaccard_distance(
 
 def energy_score_loss(
     sample_probs: torch.Tensor, target_onehot: torch.Tensor, valid: torch.Tensor | None = None
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Energy score of M samples per image against one annotation: ``E d(S, Y) - E d(S, S') / 2``.
 
     ``sample_probs`` ``(N, M, K, *S)`` decoded class probabilities of M >= 2 samples of each of N
@@ -184,4 +249,4 @@ def energy_score_loss(
     between = soft_jaccard_distance(sample_probs[:, i].flatten(0, 1), sample_probs[:, j].flatten(0, 1), valid=valid_pairs)
     between = between.view(n, -1).mean(1)
     loss = (to_target - 0.5 * between).mean()
-    return loss, {"sample_to_label": to_target.mean().item(), "sample_spread": between.mean().item()}
+    return loss, {"sample_to_label": to_target.mean().detach(), "sample_spread": between.mean().detach()}

@@ -14,6 +14,14 @@ The class weights of the plans (rare classes count more) are used where MedSegLa
 in the autoencoder's reconstruction, so small structures survive compression. The decoded
 prediction in stage 2 is supervised without them by default: with weights, the first tiny-preset
 Hippocampus run over-segmented (validation FP 3x FN) and Dice already balances the classes.
+
+Several processes (torchrun) train one model data-parallel: see ``distributed.py`` for how the
+global batch is split, gradients averaged, and what only rank 0 does.
+
+The hot path never waits for the device: a step's loss parts stay detached device tensors, read
+back once every ``loss_readout_every`` steps and once per epoch; batches are checked on the host
+and copied through pinned memory without blocking; timesteps are drawn on the host, where their
+noise levels are looked up.
 """
 
 from __future__ import annotations
@@ -32,14 +40,21 @@ from latdiffunet.errors import UserInputError
 from latdiffunet.inference.predictor import LatentDiffusionPredictor, PredictionSettings
 from latdiffunet.networks import build_model, kl_divergence
 from latdiffunet.training.config import TrainerConfig
+from latdiffunet.training.distributed import (
+    DistributedContext, local_batch_size, local_foreground_fraction, pooled_std, stream_seed,
+)
+from latdiffunet.training.device_fit import GpuPlansOnCpuCheck
 from latdiffunet.training.final_validation import validate_in_original_geometry
 from latdiffunet.training.logger import TrainingLogger
 from latdiffunet.training.losses import (
-    energy_score_loss, latent_valid_fraction, one_hot, segmentation_loss, valid_mask, weighted_mean,
+    check_label_values, energy_score_loss, latent_valid_fraction, one_hot, segmentation_loss, valid_mask, weighted_mean,
 )
-from latdiffunet.training.sampling_calibration import choose_noise_scale, noise_scale_table, store_noise_scale
+from latdiffunet.training.sampling_calibration import (
+    calibration_cases, choose_noise_scale, noise_scale_table, store_noise_scale,
+)
 from latdiffunet.training.validation import evaluate_model_on_cases
-from latdiffunet.utilities.autocast import autocast_for
+from latdiffunet.training.validation_pacing import ValidationPacer
+from latdiffunet.utilities.autocast import autocast_for, needs_grad_scaler
 from latdiffunet.utilities.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from latdiffunet.utilities.file_io import load_json, write_json
 
@@ -59,6 +74,7 @@ class LatentDiffusionTrainer:
         config: TrainerConfig,
         splits: list[dict],
         raw_dataset_folder: Path | None = None,
+        distributed: DistributedContext | None = None,
     ):
         self.plans = plans
         self.configuration_name = configuration_name
@@ -71,9 +87,15 @@ class LatentDiffusionTrainer:
         self.raw_dataset_folder = raw_dataset_folder
         self.device = device
         self.config = config
+        self.dist = distributed or DistributedContext()
         self.train_cases, self.val_cases = self._fold_cases(splits)
-        torch.manual_seed(config.seed)
+        # the global batch (config or plans) split evenly over the processes; one share per process
+        self.global_batch_size = config.batch_size or self.configuration["batch_size"]
+        self.local_batch_size = local_batch_size(self.global_batch_size, self.dist.world_size)
+        torch.manual_seed(config.seed)  # the same initial weights on every rank (and broadcast from rank 0 in run)
         np.random.seed(config.seed)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed patch sizes: the fastest kernels are found once
         self.model = build_model(self.configuration["network"]).to(device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.schedule = NoiseSchedule.from_plan(self.configuration["diffusion"])
@@ -83,13 +105,13 @@ class LatentDiffusionTrainer:
         # dataset.json's "ignore" (unannotated voxels): no loss and no metric anywhere (see losses.py)
         self.ignore_label: int | None = plans.get("labels", {}).get("ignore")
         self.amp = config.amp and device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(device, self.amp))  # float16 only
         self.optimizer: torch.optim.Optimizer | None = None
         self.optimizer_stage: str | None = None
         self.epoch = 0
         self.ema_updates = 0
         self.best_val_dice = -math.inf
-        self.logger = TrainingLogger(output_folder)
+        self.logger = TrainingLogger(output_folder, active=self.dist.is_main)
         self._stream = None
         self._case_cache = None  # decompressed training cases, kept across the per-epoch streams
         # Wall-clock seconds of earlier sessions of this run (restored by load) and per-stage epoch
@@ -97,6 +119,8 @@ class LatentDiffusionTrainer:
         self.training_seconds_before = 0.0
         self._run_start: float | None = None
         self._epoch_times: dict[str, list[float]] = {}
+        self.validation_pacer = ValidationPacer(config.validation_every, config.validation_cases, config.validation_max_time_fraction)
+        self.plans_check: GpuPlansOnCpuCheck | None = None  # made by run(); warns when GPU plans train on the CPU
 
     # ------------------------------------------------------------------ setup
     def _fold_cases(self, splits: list[dict]) -> tuple[list[str], list[str]]:
@@ -139,10 +163,12 @@ class LatentDiffusionTrainer:
     def batch_stream(self):
         """This epoch's augmented training batches, started lazily (background workers when configured).
 
-        Every epoch gets its own stream, seeded with ``seed + epoch`` and closed at the epoch's end,
-        so the batches of an epoch do not depend on where an earlier session stopped: a resumed run
-        draws exactly the batches an uninterrupted one would. Cases are decompressed once into a
-        cache shared by all epochs, filled before background workers fork so they share it.
+        Every epoch gets its own stream, seeded by seed, epoch and rank (:func:`stream_seed`) and
+        closed at the epoch's end, so the batches of an epoch do not depend on where an earlier
+        session stopped: a resumed run draws exactly the batches an uninterrupted one would, and
+        each rank draws other patches. A stream yields this rank's share of the global batch.
+        Cases are decompressed once into a cache shared by all epochs, filled before background
+        workers fork so they share it.
         """
         if self._stream is None:
             from latdiffunet.training import data_loading as dl
@@ -154,13 +180,15 @@ class LatentDiffusionTrainer:
             patch = self.configuration["patch_size"]
             dim = self.configuration["dimension"]
             initial = dl.initial_patch_size(patch, dl.ROTATION_DEGREES, dl.SCALE_RANGE) if self.config.augment else patch
+            foreground = local_foreground_fraction(self.global_batch_size, self.config.foreground_oversampling,
+                                                   self.dist.rank, self.dist.world_size)
+            seed = stream_seed(self.config.seed, self.epoch, self.dist.rank)
             loader = dl.PatchDataLoader(
-                self.data_folder, self.train_cases, patch, self.config.batch_size or self.configuration["batch_size"],
-                dim, self.config.foreground_oversampling, seed=self.config.seed + self.epoch,
+                self.data_folder, self.train_cases, patch, self.local_batch_size, dim, foreground, seed=seed,
                 initial_patch_size=initial, cache=self._case_cache,
             )
             transforms = dl.build_transforms(dim, patch, augment=self.config.augment)
-            self._stream = dl.make_batch_stream(loader, transforms, self.config.num_workers, self.config.seed + self.epoch)
+            self._stream = dl.make_batch_stream(loader, transforms, self.config.num_workers, seed)
         return self._stream
 
     def shutdown(self) -> None:
@@ -172,22 +200,34 @@ class LatentDiffusionTrainer:
 
     # ------------------------------------------------------------------ steps
     def _to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        data = torch.as_tensor(batch["data"], dtype=torch.float32).to(self.device, non_blocking=True)
-        seg = torch.as_tensor(batch["seg"]).long().to(self.device, non_blocking=True)
-        return data, seg
+        """Host batch -> device tensors, checked on the host (where reading labels costs no wait).
+
+        On CUDA the arrays go through pinned memory with non-blocking copies: the copy is queued
+        behind the previous step's kernels instead of stopping the host until the device is idle.
+        """
+        seg = torch.as_tensor(batch["seg"])
+        check_label_values(seg, self.model.config["num_classes"], self.ignore_label)
+        return self._copy_to_device(torch.as_tensor(batch["data"], dtype=torch.float32)), self._copy_to_device(seg).long()
+
+    def _copy_to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            tensor = tensor.pin_memory()
+        return tensor.to(self.device, non_blocking=True)
 
     def autoencoder_loss(self, data: torch.Tensor, seg: torch.Tensor) -> tuple[torch.Tensor, dict]:
         out = self.model.autoencoder(one_hot(seg, self.model.config["num_classes"], self.ignore_label))
-        loss, parts = segmentation_loss(out["logits"], seg, self.class_weights, self.config.dice_weight, self.ignore_label)
-        kl = kl_divergence(out["mu"], out["logvar"])
-        return loss + self.config.kl_weight * kl, parts | {"kl": kl.item()}
+        loss, parts = segmentation_loss(out["logits"], seg, self.class_weights, self.config.dice_weight, self.ignore_label,
+                                        batch_sum=self.dist.batch_sum)
+        kl = kl_divergence(out["mu"], out["logvar"])  # a mean over equal shares: no batch sum needed
+        return loss + self.config.kl_weight * kl, parts | {"kl": kl.detach()}
 
     def diffusion_loss(self, data: torch.Tensor, seg: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Latent loss + decoded CE/Dice at low noise + energy score of sampled masks.
 
         The latent loss (the plans' parameterisation) trains the denoiser at every noise level.
         The decoded supervision applies only to images whose noise level leaves the mask readable
-        (``decoded_loss_min_signal``); its x0-estimate comes from :func:`x0_for_loss`, clipped and
+        (``decoded_loss_min_signal``; the others get weight 0, so every rank runs the same
+        computation whatever its noise levels); its x0-estimate comes from :func:`x0_for_loss`, clipped and
         with a gradient no larger than x0-prediction's, since eps-prediction's x0 = (z_t - sigma
         eps) / alpha would otherwise feed the loss 20,000x the network's error at t = T - 1 and
         the ``_epspred`` comparison would measure that. The sample loss runs the inference sampler
@@ -199,36 +239,45 @@ class LatentDiffusionTrainer:
         target_onehot, valid = one_hot(seg, num_classes, self.ignore_label), valid_mask(seg, self.ignore_label)
         with torch.no_grad():
             z0 = self.model.encode_mask(target_onehot)
-        t = torch.randint(0, self.schedule.num_timesteps, (z0.shape[0],), device=self.device)
-        noise = torch.randn_like(z0)
-        alpha, sigma = self.schedule.alpha_sigma(t, ndim=z0.ndim)
+        t_host, noise, random_latent = self.draw_diffusion_noise(z0)
+        alpha_host, sigma_host = self.schedule.alpha_sigma(t_host, ndim=z0.ndim)
+        t, alpha, sigma = (v.to(self.device, non_blocking=True) for v in (t_host, alpha_host, sigma_host))
         z_t = alpha * z0 + sigma * noise
         cond = self.model.condition(data)
-        output = self.model.denoise(z_t, t, cond).float()
+        output = self.model.denoise(z_t, t, cond, random_latent=random_latent).float()
         target = training_target(self.parameterization, z0, noise, alpha, sigma)
         latent_weight = None if valid is None else latent_valid_fraction(valid, z0.shape)
-        latent_loss = weighted_mean((output - target) ** 2, latent_weight)
+        latent_loss = weighted_mean((output - target) ** 2, latent_weight, batch_sum=self.dist.batch_sum)
         loss = self.config.latent_loss_weight * latent_loss
-        parts = {"latent_loss": latent_loss.item()}
+        parts = {"latent_loss": latent_loss.detach()}
 
-        readable = slice(None)  # every noise level (the default): no copies of the batch
-        if self.config.decoded_loss_min_signal > 0:
-            readable = (alpha.flatten() ** 2 >= self.config.decoded_loss_min_signal).nonzero().flatten()
-        if self.config.decoded_supervision_weight > 0 and seg[readable].shape[0] > 0:
-            x0_hat = x0_for_loss(self.parameterization, output[readable], z_t[readable], alpha[readable], sigma[readable],
-                                 clip_x0=self.clip_x0)
+        if self.config.decoded_supervision_weight > 0:
+            readable = None  # every noise level (the default)
+            if self.config.decoded_loss_min_signal > 0:
+                readable = (alpha_host.flatten() ** 2 >= self.config.decoded_loss_min_signal).to(self.device, non_blocking=True)
+            x0_hat = x0_for_loss(self.parameterization, output, z_t, alpha, sigma, clip_x0=self.clip_x0)
             weights = self.class_weights if self.config.decoded_class_weights else None
             decoded_loss, seg_parts = segmentation_loss(
-                self.model.decode_latent(x0_hat), seg[readable], weights, self.config.dice_weight, self.ignore_label
+                self.model.decode_latent(x0_hat), seg, weights, self.config.dice_weight, self.ignore_label,
+                image_weight=readable, batch_sum=self.dist.batch_sum,
             )
             loss = loss + self.config.decoded_supervision_weight * decoded_loss
-            parts |= seg_parts | {"decoded_loss": decoded_loss.item()}
+            parts |= seg_parts | {"decoded_loss": decoded_loss.detach()}
 
         if self.config.sample_loss_weight > 0 and self._sample_loss_active():
             sample_loss, sample_parts = self.sample_loss(cond, target_onehot, valid)
             loss = loss + self.config.sample_loss_weight * sample_loss
-            parts |= sample_parts | {"sample_loss": sample_loss.item()}
+            parts |= sample_parts | {"sample_loss": sample_loss.detach()}
         return loss, parts
+
+    def draw_diffusion_noise(self, z0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Every random draw of a diffusion step, one per image: the timestep, on the host (its
+        noise level is looked up there, so t is never read back from the device), the noise and
+        the denoiser's random latent (None when it has none), on the device."""
+        t = torch.randint(0, self.schedule.num_timesteps, (z0.shape[0],))
+        random_dim = self.model.config["denoiser"]["random_latent_dim"]
+        random_latent = torch.randn((z0.shape[0], random_dim), device=z0.device) if random_dim > 0 else None
+        return t, torch.randn_like(z0), random_latent
 
     def _sample_loss_active(self) -> bool:
         """After ``sample_loss_start`` of the diffusion stage: the sampler's samples must be worth
@@ -245,8 +294,10 @@ class LatentDiffusionTrainer:
 
         Every sample keeps one random latent for all its steps and starts from its own x_T, as at
         inference; gradients flow through the last ``sample_loss_grad_steps`` steps of the chain.
+        ``sample_loss_images`` counts images of the global batch: each of N ranks scores
+        ceil(that / N) of its own.
         """
-        n = min(self.config.sample_loss_images, cond.shape[0])
+        n = min(math.ceil(self.config.sample_loss_images / self.dist.world_size), cond.shape[0])
         m = self.config.sample_loss_samples
         steps = self.config.sample_loss_steps or self.configuration["inference"]["sampling_steps"]
         cond_m = cond[:n].repeat_interleave(m, 0)
@@ -266,34 +317,43 @@ class LatentDiffusionTrainer:
         probs = self.model.decode_latent(z0).float().softmax(1)
         return energy_score_loss(probs.view(n, m, *probs.shape[1:]), target_onehot[:n], None if valid is None else valid[:n])
 
-    def train_step(self, batch: dict, stage: str) -> dict:
+    def train_step(self, batch: dict, stage: str) -> dict[str, torch.Tensor]:
+        """One optimiser step on this rank's share of a batch; returns the loss and its parts as
+        detached device tensors (reading them would make the host wait for the device)."""
         data, seg = self._to_device(batch)
         self.optimizer.zero_grad(set_to_none=True)
         with autocast_for(self.device, self.amp):
             loss, parts = (self.autoencoder_loss if stage == "autoencoder" else self.diffusion_loss)(data, seg)
         self.scaler.scale(loss).backward()
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.dist.average_gradients(params)  # before unscaling: every rank then sees the same inf/NaN
         self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], self.config.grad_clip)
+        torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self._update_ema()
-        return parts | {"loss": loss.item()}
+        return parts | {"loss": loss.detach()}
 
     @torch.no_grad()
     def _update_ema(self) -> None:
         """EMA with warm-up: (1 + n) / (10 + n) caps the decay early on, so a short run's EMA is
-        not dominated by its random initial weights."""
+        not dominated by its random initial weights. One fused update for all trained tensors
+        (a GPU would otherwise launch one small kernel per tensor, every step)."""
         self.ema_updates += 1
         d = min(self.config.ema_decay, (1 + self.ema_updates) / (10 + self.ema_updates))
-        for e, p in zip(self.ema.parameters(), self.model.parameters()):
-            if p.requires_grad:
-                e.lerp_(p, 1 - d)
+        pairs = [(e, p) for e, p in zip(self.ema.parameters(), self.model.parameters()) if p.requires_grad]
+        if pairs:
+            torch._foreach_lerp_([e for e, _ in pairs], [p for _, p in pairs], 1 - d)
         for e, b in zip(self.ema.buffers(), self.model.buffers()):
             e.copy_(b)
 
     @torch.no_grad()
     def calibrate_latent_scale(self, num_batches: int = 10) -> float:
-        """Set latent_scale = 1/std of the training latents: noise schedules assume unit variance."""
+        """Set latent_scale = 1/std of the training latents: noise schedules assume unit variance.
+
+        Each rank measures ``num_batches`` of its own batches; the standard deviation is pooled
+        over all of them, so every rank sets the same scale.
+        """
         self.model.eval()
         self.model.latent_scale.fill_(1.0)
         latents = []
@@ -304,7 +364,9 @@ class LatentDiffusionTrainer:
             if valid is not None:  # latents over unannotated voxels only are never trained on
                 z = z[latent_valid_fraction(valid, z.shape).expand_as(z) > 0]
             latents.append(z.flatten())
-        std = float(torch.cat(latents).std())
+        z = torch.cat(latents)
+        mean = z.mean()
+        std = pooled_std(self.dist.gather(torch.stack([z.new_tensor(float(z.numel())), mean, ((z - mean) ** 2).sum()])))
         self.model.latent_scale.fill_(1.0 / max(std, 1e-6))
         self.ema.load_state_dict(self.model.state_dict())  # EMA starts from the finished autoencoder
         self.ema_updates = 0
@@ -312,8 +374,10 @@ class LatentDiffusionTrainer:
         return 1.0 / max(std, 1e-6)
 
     # ------------------------------------------------------------------ validation
-    def validate(self, stage: str, final: bool = False) -> dict:
-        cases = self.val_cases if final else self.val_cases[: self.config.validation_cases]
+    def validate(self, stage: str, final: bool = False, num_cases: int | None = None, time_limit: float | None = None) -> dict:
+        """Periodic validation on the first ``num_cases`` (default ``validation_cases``) validation
+        cases, stopping after ``time_limit`` seconds (see ``validation_pacing``); all with ``final``."""
+        cases = self.val_cases if final else self.val_cases[: num_cases or self.config.validation_cases]
         if not cases:
             return {}
         samples = self.config.validation_samples or self.configuration["inference"]["num_samples"]
@@ -321,10 +385,22 @@ class LatentDiffusionTrainer:
         model = self.model if stage == "autoencoder" else self.ema
         summary = evaluate_model_on_cases(
             model, self.data_folder, cases, self.configuration, self.device, mode, num_samples=samples,
-            seed=self.config.seed, amp=self.amp, ignore_label=self.ignore_label,
+            seed=self.config.seed, amp=self.amp, ignore_label=self.ignore_label, time_limit=time_limit,
         )
         self.model.train()
         return summary
+
+    def _record_validation(self, stage: str, seconds: float, num_cases: int) -> None:
+        """Tell the pacer; when the first validation of a stage stopped early, say that the later
+        ones use the same, fewer cases."""
+        first = stage not in self.validation_pacer.cases
+        self.validation_pacer.record_validation(stage, seconds, num_cases)
+        wanted = min(self.config.validation_cases, len(self.val_cases))
+        if first and num_cases < wanted:
+            self.logger.log(
+                f"periodic validation ({stage}) on {num_cases} of {wanted} cases: {seconds:.1f} s, the most that keeps it "
+                f"within {100 * self.config.validation_max_time_fraction:.0f} % of the time; later ones use the same cases"
+            )
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_state(self) -> dict:
@@ -340,6 +416,7 @@ class LatentDiffusionTrainer:
             "best_val_dice": self.best_val_dice,
             "training_seconds": self.training_seconds(),
             "epoch_times": self._epoch_times,
+            "validation_pacing": self.validation_pacer.state_dict(),
             "rng": rng_state(),
             "trainer": type(self).__name__,
             "plans_name": self.plans["plans_name"],
@@ -350,7 +427,9 @@ class LatentDiffusionTrainer:
         }
 
     def save(self, name: str) -> None:
-        save_checkpoint(self.checkpoint_state(), self.output_folder / name)
+        """Rank 0 writes (every rank holds the same weights)."""
+        if self.dist.is_main:
+            save_checkpoint(self.checkpoint_state(), self.output_folder / name)
 
     def load(self, path: Path) -> None:
         state = load_checkpoint(path, self.device)
@@ -362,11 +441,13 @@ class LatentDiffusionTrainer:
         if state["optimizer"] is not None:
             self._setup_stage(state["optimizer_stage"])
             self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        if self.scaler.is_enabled() and state["scaler"]:  # empty when written without float16 loss scaling
+            self.scaler.load_state_dict(state["scaler"])
         restore_rng_state(state["rng"])
         # checkpoints written before these keys existed: the earlier time is unknown, not counted
         self.training_seconds_before = float(state.get("training_seconds", 0.0))
         self._epoch_times = {k: [float(t) for t in v] for k, v in state.get("epoch_times", {}).items()}
+        self.validation_pacer.load_state_dict(state.get("validation_pacing", {}))
 
     def training_seconds(self) -> float:
         """Wall-clock seconds this run has trained, earlier sessions of a resumed run included."""
@@ -375,21 +456,35 @@ class LatentDiffusionTrainer:
 
     # ------------------------------------------------------------------ main loop
     def run(self, resume: bool = False) -> dict:
+        """Train, then validate; under several processes every rank trains and rank 0 alone
+        validates (the others return ``{}``)."""
         self.output_folder.mkdir(parents=True, exist_ok=True)
         if resume:
             self._resume()
         else:
             self.logger.truncate(0)
-        self.logger.write_json("training_config.json", {"trainer": type(self).__name__} | self.config.to_dict())
-        self._write_run_files()
+        self.dist.broadcast_module_(self.model)  # the same starting weights on every rank, whatever each built or read
+        self.dist.broadcast_module_(self.ema)
+        self.logger.write_json("training_config.json", {"trainer": type(self).__name__, "processes": self.dist.world_size}
+                               | self.config.to_dict())
+        if self.dist.is_main:
+            self._write_run_files()
         self._run_start = time.time()
         self._plan_epochs = (self.config.autoencoder_epochs, self.config.diffusion_epochs)
         if self.config.time_budget_minutes is not None and self._epoch_times:
             self._fit_epochs_to_budget(self.config.stage_of(self.epoch - 1))  # resumed: fit what is left first
         self.logger.log(
-            f"training {type(self).__name__} fold {self.fold} on {self.device}: {len(self.train_cases)} train / "
+            f"training {type(self).__name__} fold {self.fold} on {self.device}"
+            + (f" in {self.dist.world_size} processes (global batch {self.global_batch_size}, {self.local_batch_size} per process)"
+               if self.dist.enabled else "")
+            + f": {len(self.train_cases)} train / "
             f"{len(self.val_cases)} val cases, epochs {self.epoch}->{self.config.total_epochs} "
             f"({self.config.autoencoder_epochs} autoencoder + {self.config.diffusion_epochs} diffusion)"
+        )
+        self.plans_check = GpuPlansOnCpuCheck(
+            self.plans, self.configuration, self.device.type, self.config.batch_size or self.configuration["batch_size"],
+            self.config.iterations_per_epoch, self.config.total_epochs, self.config.stage_of(self.epoch), self.logger.log,
+            clock=time.time,  # the clock of `start`
         )
         try:
             while self.epoch < self.config.total_epochs:
@@ -397,6 +492,8 @@ class LatentDiffusionTrainer:
         finally:
             self.shutdown()
         self.save("checkpoint_final.pth")
+        if not self.dist.is_main:
+            return {}
         self.logger.log(f"training finished; final checkpoint {self.output_folder / 'checkpoint_final.pth'}")
         return self.final_validation()
 
@@ -433,17 +530,17 @@ class LatentDiffusionTrainer:
         return summary
 
     def calibrate_noise_scale(self, checkpoint: Path) -> float:
-        """Pick the sampling temperature on the periodic validation cases and store it in ``checkpoint``.
+        """Pick the sampling temperature on validation cases and store it in ``checkpoint``.
 
-        Each scale in ``NOISE_SCALES`` samples the fold's first ``validation_cases`` validation
-        cases (the ones that already select the checkpoint; never test data), or its first 5 % when
-        that is more (LIDC: 50 slices rather than 10, since one slice says little), and
+        Each scale in ``NOISE_SCALES`` samples ``validation_cases`` of the fold's validation cases
+        (never test data), or 5 % of them when that is more (LIDC: 50 slices rather than 10, since
+        one slice says little), spread evenly over the fold (:func:`calibration_cases`), and
         :func:`choose_noise_scale` picks one. The table is written to
         ``sampling_calibration.json``; the scale goes into the checkpoint's ``diffusion`` settings,
         which prediction reads.
         """
         self.ema.load_state_dict(load_checkpoint(checkpoint, self.device)["ema"])
-        cases = self.val_cases[: max(self.config.validation_cases, math.ceil(0.05 * len(self.val_cases)))]
+        cases = calibration_cases(self.val_cases, self.config.validation_cases)
         samples = max(self.config.validation_samples or self.configuration["inference"]["num_samples"], 2)
         rows = noise_scale_table(self.ema, self.data_folder, cases, self.configuration, self.device, samples,
                                  seed=self.config.seed, ignore_label=self.ignore_label)
@@ -454,7 +551,8 @@ class LatentDiffusionTrainer:
             "cases": cases, "checkpoint": checkpoint.name, "num_samples": samples, "table": rows,
         })
         self.logger.log("sampling temperature on %d validation cases: " % len(cases) + "; ".join(
-            f"scale {r['noise_scale']:g}: GED {r['GED']:.4f}, Dice one sample {r['Dice_single_sample']:.4f}, "
+            f"scale {r['noise_scale']:g}: GED {r['GED']:.4f}, spread {r['sample_diversity']:.4f}, "
+            f"Dice one sample {r['Dice_single_sample']:.4f}, "
             f"mean {r['Dice_of_mean']:.4f}" for r in rows) + f" -> {scale:g}")
         store_noise_scale([checkpoint, self.output_folder / "checkpoint_final.pth"], scale, self.device)
         self.configuration["diffusion"]["noise_scale"] = scale
@@ -492,7 +590,10 @@ class LatentDiffusionTrainer:
             left -= (new_ae - self.epoch) * ae_time
         done_diffusion = max(self.epoch - new_ae, 0)
         new_diff = max(done_diffusion + int(left / diff_time), done_diffusion, 1)
-        self.config = self.config.with_overrides(autoencoder_epochs=new_ae, diffusion_epochs=new_diff)
+        # rank 0's decision everywhere: ranks measure different times, and ranks that disagree on
+        # the number of epochs wait for each other forever
+        plan = self.dist.broadcast_from_main({"autoencoder_epochs": new_ae, "diffusion_epochs": new_diff})
+        self.config = self.config.with_overrides(**plan)
 
     def _write_run_files(self) -> None:
         """plans.json + dataset.json beside the folds: prediction needs nothing else."""
@@ -510,11 +611,40 @@ class LatentDiffusionTrainer:
         self.logger.log(f"resuming from {latest} at epoch {self.epoch} (best validation Dice so far {self.best_val_dice:.4f}, "
                         f"{self.training_seconds_before / 60:.1f} min trained)")
 
+    def train_iterations(self, stage: str, start: float) -> dict[str, float]:
+        """The epoch's training steps; returns each loss part's mean over them and over the ranks.
+
+        The parts stay on the device and are summed there. The host reads them once every
+        ``loss_readout_every`` steps (rank 0's progress bar) and once at the end (one all-reduce
+        for the log), so it keeps queuing work instead of waiting for the device after each step.
+        ``start``: when the epoch began (the CPU-speed check times the first steps from it).
+        """
+        n = self.config.iterations_per_epoch
+        sums: dict[str, torch.Tensor] = {}
+        bar = tqdm(range(n), desc=f"epoch {self.epoch} ({stage})", leave=False, dynamic_ncols=True, disable=not self.dist.is_main)
+        for i in bar:
+            parts = self.train_step(next(self.batch_stream()), stage)
+            if self.plans_check is not None:
+                self.plans_check.iteration_done(i, start)
+            for k, v in parts.items():
+                sums[k] = sums[k] + v if k in sums else v
+            if self.dist.is_main and (i + 1) % self.config.loss_readout_every == 0:
+                bar.set_postfix(loss=f"{float(sums['loss']) / (i + 1):.4f}")
+        bar.close()
+        keys = sorted(sums)
+        means = self.dist.mean_over_ranks(torch.stack([sums[k].float() for k in keys]) / n)
+        return dict(zip(keys, means.tolist()))
+
     def _run_epoch(self) -> None:
         stage = self.config.stage_of(self.epoch)
+        # this epoch's noise levels, noise and sampler draws: seeded like its batches, so a resumed
+        # run draws what an uninterrupted one would, and each rank draws its own
+        torch.manual_seed(stream_seed(self.config.seed, self.epoch, self.dist.rank))
         if stage == "diffusion" and self.optimizer_stage != "diffusion":
             self.logger.log("stage 2: autoencoder frozen; calibrating latent scale")
-            self.logger.write_json("autoencoder_reconstruction.json", self.validate("autoencoder", final=True))
+            if self.dist.is_main:
+                self.logger.write_json("autoencoder_reconstruction.json", self.validate("autoencoder", final=True))
+            self.dist.barrier()
             scale = self.calibrate_latent_scale()
             self.logger.log(f"latent scale = {scale:.4f}")
         self._setup_stage(stage)
@@ -523,21 +653,19 @@ class LatentDiffusionTrainer:
             group["lr"] = lr
         self.model.train()
         start = time.time()
-        sums: dict[str, float] = {}
-        bar = tqdm(range(self.config.iterations_per_epoch), desc=f"epoch {self.epoch} ({stage})", leave=False, dynamic_ncols=True)
-        for _ in bar:
-            parts = self.train_step(next(self.batch_stream()), stage)
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v
-            bar.set_postfix(loss=f"{parts['loss']:.4f}")
-        bar.close()
+        losses = self.train_iterations(stage, start)
         self.shutdown()  # the next epoch starts its own stream (see batch_stream); no workers during validation
-        n = self.config.iterations_per_epoch
-        metrics = {"epoch": self.epoch, "stage": stage, "lr": lr, "train_loss": sums["loss"] / n}
-        metrics |= {k: v / n for k, v in sums.items() if k != "loss"}
+        metrics = {"epoch": self.epoch, "stage": stage, "lr": lr, "train_loss": losses.pop("loss")} | losses
         last_epoch_of_stage = self.epoch + 1 in (self.config.autoencoder_epochs, self.config.total_epochs)
-        if self.val_cases and ((self.epoch + 1) % self.config.validation_every == 0 or last_epoch_of_stage):
-            summary = self.validate(stage)
+        self.validation_pacer.record_training(time.time() - start)
+        call = self.validation_pacer.plan(self.epoch, stage, last_epoch_of_stage) if self.val_cases and self.dist.is_main else None
+        if call is not None and call.note:
+            self.logger.log(call.note)
+        if call is not None and call.num_cases:
+            validation_start = time.time()
+            summary = self.validate(stage, num_cases=call.num_cases, time_limit=call.time_limit)
+            metrics["validation_time"] = time.time() - validation_start
+            self._record_validation(stage, metrics["validation_time"], len(summary["metric_per_case"]))
             dice = summary["foreground_mean"]["Dice"]
             metrics["val_reconstruction_dice" if stage == "autoencoder" else "val_dice"] = dice
             if "single_sample_foreground_dice" in summary:
@@ -545,6 +673,7 @@ class LatentDiffusionTrainer:
             if stage == "diffusion" and dice > self.best_val_dice:
                 self.best_val_dice = dice
                 metrics["new_best"] = True
+        self.dist.barrier()  # the other ranks wait for rank 0's validation here, not inside the next all-reduce
         metrics["epoch_time"] = time.time() - start
         self.epoch += 1
         if self.config.time_budget_minutes is not None:

@@ -7,6 +7,7 @@ selects the best checkpoint.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,7 @@ def evaluate_model_on_cases(
     seed: int = 0,
     amp: bool = False,
     ignore_label: int | None = None,
+    time_limit: float | None = None,
 ) -> dict:
     """nnU-Net-style summary (``metric_per_case``, ``mean``, ``foreground_mean``) of one model.
 
@@ -60,8 +62,11 @@ def evaluate_model_on_cases(
     (full image -> diffusion samples -> mean probabilities -> argmax). When sampling, the summary
     also holds ``single_sample_foreground_dice``: the mean foreground Dice of each sample on its
     own, the number a user opening one sample sees, next to the Dice of the mean. Voxels labelled
-    ``ignore_label`` (unannotated) count in no metric.
+    ``ignore_label`` (unannotated) count in no metric. With ``time_limit`` (seconds) the cases are
+    evaluated in order until the one that uses it up (at least one): the validation pacer measures
+    what a case costs this way without paying for all of them.
     """
+    start = time.perf_counter()
     model.eval()
     num_classes = int(configuration["network"]["num_classes"])
     labels = list(range(num_classes))
@@ -89,6 +94,8 @@ def evaluate_model_on_cases(
         if mode == "sampling":
             dices = (foreground_dice(s, seg, num_classes, ignore_label) for s in probs.argmax(1))
             single += [d for d in dices if d is not None]
+        if time_limit is not None and time.perf_counter() - start >= time_limit:
+            break
     summary = summarize(per_case)
     if single:
         summary["single_sample_foreground_dice"] = float(np.mean(single))

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import multiprocessing
 import sys
+from functools import partial
 from multiprocessing.context import BaseContext
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from tqdm import tqdm
 
@@ -31,27 +32,60 @@ def worker_context() -> BaseContext:
     return multiprocessing.get_context("fork")
 
 
-def map_with_progress(
-    func: Callable[[Any], Any], items: Iterable[Any], num_processes: int, desc: str, disable: bool = False
-) -> list[Any]:
-    """``[func(item) for item in items]`` in ``num_processes`` workers (a plain loop for ``<= 1``).
+_NOTHING = object()
+_inherited: Any = None  # what forked workers of the running pool see as ``inherited``
 
-    ``func`` must be a module-level function: under ``spawn`` workers import it by name.
+
+def _call_with_inherited(func: Callable[[Any, Any], Any], item: Any) -> Any:
+    return func(item, _inherited)
+
+
+def imap_with_progress(
+    func: Callable[..., Any],
+    items: Iterable[Any],
+    num_processes: int,
+    desc: str,
+    disable: bool = False,
+    inherited: Any = _NOTHING,
+) -> Iterator[Any]:
+    """``func(item)`` for each item, in order, yielded as they arrive from ``num_processes`` workers
+    (a plain loop for ``<= 1``), so that a caller can keep or drop large results one at a time.
+
+    Items go to the workers in chunks, 16 per worker: thousands of small cases (2D slices) then
+    cost a few dozen messages, and a chunk is small enough that no worker idles long at the end.
+    Arguments shared by every item belong in ``functools.partial(func, ...)``: it is sent once
+    per chunk, a tuple element once per item. ``func`` must be a module-level function (or a
+    partial of one): under ``spawn`` workers import it by name.
+
+    With ``inherited``, ``func`` is called as ``func(item, inherited)``, and forked workers see the
+    parent's object itself, nothing copied or sent: a gigabyte of arrays read earlier costs
+    nothing to hand over, where sending it through the workers' pipes costs seconds. Spawned
+    workers get ``None`` instead and must do without it.
     """
+    global _inherited
     items = list(items)
     bar = tqdm(total=len(items), desc=desc, disable=disable, dynamic_ncols=True)
     try:
         if num_processes <= 1 or len(items) <= 1:
-            results = []
             for item in items:
-                results.append(func(item))
+                yield func(item) if inherited is _NOTHING else func(item, inherited)
                 bar.update()
-            return results
+            return
+        if inherited is not _NOTHING:
+            _inherited = inherited  # forked workers copy this module as it is now; spawned ones import it afresh
+            func = partial(_call_with_inherited, func)
         with worker_context().Pool(num_processes) as pool:
-            results = []
             for r in pool.imap(func, items, chunksize=max(1, len(items) // (num_processes * 16))):
-                results.append(r)
+                yield r
                 bar.update()
-            return results
     finally:
+        _inherited = None
         bar.close()
+
+
+def map_with_progress(
+    func: Callable[..., Any], items: Iterable[Any], num_processes: int, desc: str, **options: Any
+) -> list[Any]:
+    """``[func(item) for item in items]`` in ``num_processes`` workers; ``options`` (``disable``,
+    ``inherited``) and everything else as :func:`imap_with_progress`."""
+    return list(imap_with_progress(func, items, num_processes, desc, **options))

@@ -1,0 +1,68 @@
+"""Choosing the sampling temperature: the rule, the unbiased GED it compares, the cases it uses."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from latdiffunet.evaluation.ambiguity import energy_distance_terms
+from latdiffunet.training.sampling_calibration import calibration_cases, choose_noise_scale, unbiased_ged
+
+
+def _disc(radius: float, size: int = 24) -> np.ndarray:
+    y, x = np.mgrid[:size, :size]
+    return (y - size / 2) ** 2 + (x - size / 2) ** 2 <= radius**2
+
+
+def test_unbiased_ged_is_lowest_at_the_raters_own_spread():
+    """Raters draw disc radii around 9 with sd 2; a model's 5 samples use sd 2 * t. Averaged over
+    cases, the protocol's GED (identical pairs counted) is lowest at t = 0.75: with 5 samples it
+    under-counts their spread by 20 % and favours too cold a temperature. The unbiased GED that
+    calibration compares is lowest at the honest t = 1."""
+    rng = np.random.default_rng(0)
+    temperatures = (0.5, 0.75, 1.0, 1.25)
+    protocol, unbiased = {t: [] for t in temperatures}, {t: [] for t in temperatures}
+    for _ in range(300):
+        raters = np.stack([_disc(r, 32) for r in rng.normal(9, 2, 4)])
+        z = rng.normal(0, 1, 5)
+        for t in temperatures:
+            terms = energy_distance_terms(np.stack([_disc(9 + 2 * t * v, 32) for v in z]), raters)
+            protocol[t].append(terms["GED"])
+            unbiased[t].append(unbiased_ged(terms, 5, 4)[0])
+    assert min(temperatures, key=lambda t: np.mean(protocol[t])) == 0.75
+    assert min(temperatures, key=lambda t: np.mean(unbiased[t])) == 1.0
+    terms = energy_distance_terms(np.stack([_disc(5), _disc(8)]), np.stack([_disc(5)]))
+    assert unbiased_ged(terms, 2, 1)[1] == pytest.approx(2 * terms["sample_diversity"])
+
+
+def test_unbiased_ged_prefers_samples_that_spread_like_the_raters_over_one_repeated_mask():
+    a, b = _disc(5), _disc(8)
+    raters = np.stack([a, b, a, b])
+    spread = np.stack([a, b, a, b, a])
+    collapsed = np.stack([b] * 5)
+    ged_spread, _ = unbiased_ged(energy_distance_terms(spread, raters), 5, 4)
+    ged_collapsed, _ = unbiased_ged(energy_distance_terms(collapsed, raters), 5, 4)
+    assert ged_spread < ged_collapsed
+
+
+def test_calibration_cases_spread_over_the_whole_fold():
+    cases = [f"patient{p:02d}_slice{s}" for p in range(40) for s in range(25)]  # 1000 cases, sorted by patient
+    picked = calibration_cases(cases, minimum=10)
+    assert len(picked) == 50  # 5 % of 1000
+    assert len({c.split("_")[0] for c in picked}) >= 35  # not the first two patients
+    assert picked[0] == cases[0] and picked[-1] == cases[-1]
+    assert calibration_cases(cases[:7], minimum=10) == cases[:7]
+    assert calibration_cases([], minimum=10) == []
+
+
+def test_choose_noise_scale_rules():
+    rows = [
+        {"noise_scale": 0.0, "GED": 0.50, "Dice_single_sample": 0.80, "Dice_of_mean": 0.80},
+        {"noise_scale": 0.5, "GED": 0.30, "Dice_single_sample": 0.805, "Dice_of_mean": 0.81},
+        {"noise_scale": 1.0, "GED": 0.35, "Dice_single_sample": 0.70, "Dice_of_mean": 0.80},
+    ]
+    assert choose_noise_scale(rows, multi_rater=True)[0] == 0.5  # lowest GED
+    # single rater: the largest scale whose one-sample Dice is within 0.01 of the best mean (0.81)
+    assert choose_noise_scale(rows, multi_rater=False)[0] == 0.5
+    rows[1]["Dice_single_sample"] = 0.79  # now only scale 0 (0.80) is within 0.01 of 0.81
+    assert choose_noise_scale(rows, multi_rater=False)[0] == 0.0
