@@ -39,3 +39,46 @@ def test_missing_nnunet_is_explained(tmp_path, monkeypatch, capsys):
     assert main(["-d", "904", "--budget-minutes", "1"]) == 2
     err = capsys.readouterr().err
     assert "nnunetv2 is not installed" in err and ".[benchmark]" in err and "Traceback" not in err
+
+
+def test_nnunet_time_budget_trains_for_its_whole_budget(monkeypatch):
+    """nnU-Net's budgeted loop on a fake clock: epochs of 115 s against a 900-s training deadline
+    (a 1000-s budget keeps a tenth for validation). Rounding the epochs that fit down stopped it at
+    805 s (LIDC: 983 of 1200 s) while ours trains to the deadline; the last epoch is now cut there."""
+    import itertools
+
+    from latdiffunet.evaluation import nnunet_baseline
+
+    clock = [0.0]
+    monkeypatch.setattr(nnunet_baseline.time, "time", lambda: clock[0])
+
+    class Scheduler:
+        max_steps = 1000
+
+    class FakeNnUNetTrainer:
+        num_epochs, current_epoch = 1000, 0
+        num_iterations_per_epoch, num_val_iterations_per_epoch = 10, 5
+        dataloader_train = dataloader_val = itertools.repeat(None)
+        lr_scheduler = Scheduler()
+
+        def train_step(self, batch):
+            clock[0] += 11.0
+            return {}
+
+        def validation_step(self, batch):
+            clock[0] += 1.0
+            return {}
+
+        def on_epoch_end(self):
+            self.current_epoch += 1
+
+        def __getattr__(self, name):  # the other on_* hooks do nothing here
+            if name.startswith("on_"):
+                return lambda *args: None
+            raise AttributeError(name)
+
+    trainer = nnunet_baseline.make_budget_trainer(FakeNnUNetTrainer)()
+    trainer.budget_seconds = 1000.0
+    trainer.run_training()
+    assert 900.0 <= clock[0] <= 900.0 + 11.0 + 1.0, clock[0]  # trained up to the deadline, not one epoch short
+    assert trainer.current_epoch == 8 and trainer.iterations_done == 7 * 10 + 9

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import shutil
@@ -49,7 +50,7 @@ def make_budget_trainer(base):
         """nnU-Net's training loop with a wall-clock budget checked after every iteration.
 
         Epochs are nnU-Net's (250 iterations unless told otherwise); after each epoch the number of
-        epochs and the poly schedule's length are set to what fits the budget. When the budget runs
+        epochs and the poly schedule's length are set to what fits the budget, the last one partly. When the budget runs
         out inside an epoch, that epoch ends early (its validation step is skipped) and training
         ends as nnU-Net's would, so a plan whose single epoch exceeds the budget still stops on time.
         """
@@ -82,7 +83,10 @@ def make_budget_trainer(base):
                 self.on_epoch_end()
                 self.iterations_done = getattr(self, "iterations_done", 0) + len(outputs)
                 epoch_time = time.time() - epoch_start
-                fits = int(max(deadline - time.time(), 0) // epoch_time)
+                # rounded up: the last epoch is cut at the deadline by the check above, so the run
+                # trains for its whole budget (rounding down left up to an epoch unused: on LIDC
+                # 983 of 1200 s) as ours does
+                fits = math.ceil(max(deadline - time.time(), 0) / epoch_time)
                 self.num_epochs = max(self.current_epoch, min(self.current_epoch + fits, 1000))
                 self.lr_scheduler.max_steps = max(self.num_epochs, 1)
             self.on_train_end()
