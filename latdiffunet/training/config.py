@@ -45,7 +45,7 @@ class TrainerConfig:
     sample_loss_images: int = 8  # images of each batch that get the sample loss (bounds its cost)
     sample_loss_grad_steps: int | None = 1  # sampler steps with gradients, the last ones (None: all)
     sample_loss_start: float = 0.25
-    calibrate_noise_scale: bool = True  # pick the sampling temperature on validation cases (lowest GED)  # fraction of the diffusion stage trained before it is switched on
+    calibrate_noise_scale: bool = True  # pick the sampling temperature on validation cases (sampling_calibration.py)
     sample_loss_steps: int | None = None  # None: the plans' sampling steps
     kl_weight: float = 1e-6
     # steps between reads of the running loss for the progress bar: each read makes the host wait for the GPU

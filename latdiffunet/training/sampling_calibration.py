@@ -146,6 +146,37 @@ def choose_noise_scale(rows: list[dict], multi_rater: bool, tolerance: float = S
     )
 
 
+def calibrate_noise_scale(
+    model: torch.nn.Module,
+    folder: Path,
+    case_ids: list[str],
+    configuration: dict,
+    device: torch.device,
+    num_samples: int,
+    multi_rater: bool,
+    logger,
+    checkpoints: list[Path],
+    seed: int = 0,
+    ignore_label: int | None = None,
+) -> float:
+    """Score every scale in ``NOISE_SCALES`` on ``case_ids`` (:func:`noise_scale_table`), pick one
+    (:func:`choose_noise_scale`), write the table to ``sampling_calibration.json`` and the log
+    through ``logger`` (a :class:`~latdiffunet.training.logger.TrainingLogger`), and store the scale
+    in ``checkpoints``' ``diffusion`` settings, which prediction reads."""
+    rows = noise_scale_table(model, folder, case_ids, configuration, device, num_samples, seed=seed,
+                             ignore_label=ignore_label)
+    scale, criterion = choose_noise_scale(rows, multi_rater)
+    logger.write_json("sampling_calibration.json", {
+        "chosen_noise_scale": scale, "criterion": criterion,
+        "cases": case_ids, "checkpoint": checkpoints[0].name, "num_samples": num_samples, "table": rows,
+    })
+    logger.log("sampling temperature on %d validation cases: " % len(case_ids) + "; ".join(
+        f"scale {r['noise_scale']:g}: GED {r['GED']:.4f}, spread {r['sample_diversity']:.4f}, "
+        f"Dice one sample {r['Dice_single_sample']:.4f}, mean {r['Dice_of_mean']:.4f}" for r in rows) + f" -> {scale:g}")
+    store_noise_scale(checkpoints, scale, device)
+    return scale
+
+
 def store_noise_scale(checkpoints: list[Path], scale: float, device: torch.device) -> None:
     """Write ``scale`` into the ``diffusion`` settings of each existing checkpoint (atomically)."""
     for path in dict.fromkeys(checkpoints):

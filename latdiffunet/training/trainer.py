@@ -49,9 +49,8 @@ from latdiffunet.training.logger import TrainingLogger
 from latdiffunet.training.losses import (
     check_label_values, energy_score_loss, latent_valid_fraction, one_hot, segmentation_loss, valid_mask, weighted_mean,
 )
-from latdiffunet.training.sampling_calibration import (
-    calibration_cases, choose_noise_scale, noise_scale_table, store_noise_scale,
-)
+from latdiffunet.training.budget import epochs_within_budget
+from latdiffunet.training.sampling_calibration import calibrate_noise_scale, calibration_cases
 from latdiffunet.training.validation import evaluate_model_on_cases
 from latdiffunet.training.validation_pacing import ValidationPacer
 from latdiffunet.utilities.autocast import autocast_for, needs_grad_scaler
@@ -530,31 +529,17 @@ class LatentDiffusionTrainer:
         return summary
 
     def calibrate_noise_scale(self, checkpoint: Path) -> float:
-        """Pick the sampling temperature on validation cases and store it in ``checkpoint``.
-
-        Each scale in ``NOISE_SCALES`` samples ``validation_cases`` of the fold's validation cases
-        (never test data), or 5 % of them when that is more (LIDC: 50 slices rather than 10, since
-        one slice says little), spread evenly over the fold (:func:`calibration_cases`), and
-        :func:`choose_noise_scale` picks one. The table is written to
-        ``sampling_calibration.json``; the scale goes into the checkpoint's ``diffusion`` settings,
-        which prediction reads.
-        """
+        """Pick the sampling temperature on validation cases and store it in ``checkpoint`` (and
+        the final checkpoint); see :func:`~latdiffunet.training.sampling_calibration.calibrate_noise_scale`."""
         self.ema.load_state_dict(load_checkpoint(checkpoint, self.device)["ema"])
-        cases = calibration_cases(self.val_cases, self.config.validation_cases)
-        samples = max(self.config.validation_samples or self.configuration["inference"]["num_samples"], 2)
-        rows = noise_scale_table(self.ema, self.data_folder, cases, self.configuration, self.device, samples,
-                                 seed=self.config.seed, ignore_label=self.ignore_label)
         multi_rater = load_json(self.preprocessed_dataset_folder / "dataset.json", "dataset.json").get("num_raters", 1) > 1
-        scale, criterion = choose_noise_scale(rows, multi_rater)
-        self.logger.write_json("sampling_calibration.json", {
-            "chosen_noise_scale": scale, "criterion": criterion,
-            "cases": cases, "checkpoint": checkpoint.name, "num_samples": samples, "table": rows,
-        })
-        self.logger.log("sampling temperature on %d validation cases: " % len(cases) + "; ".join(
-            f"scale {r['noise_scale']:g}: GED {r['GED']:.4f}, spread {r['sample_diversity']:.4f}, "
-            f"Dice one sample {r['Dice_single_sample']:.4f}, "
-            f"mean {r['Dice_of_mean']:.4f}" for r in rows) + f" -> {scale:g}")
-        store_noise_scale([checkpoint, self.output_folder / "checkpoint_final.pth"], scale, self.device)
+        scale = calibrate_noise_scale(
+            self.ema, self.data_folder, calibration_cases(self.val_cases, self.config.validation_cases),
+            self.configuration, self.device,
+            num_samples=max(self.config.validation_samples or self.configuration["inference"]["num_samples"], 2),
+            multi_rater=multi_rater, logger=self.logger, checkpoints=[checkpoint, self.output_folder / "checkpoint_final.pth"],
+            seed=self.config.seed, ignore_label=self.ignore_label,
+        )
         self.configuration["diffusion"]["noise_scale"] = scale
         return scale
 
@@ -569,27 +554,13 @@ class LatentDiffusionTrainer:
                                              num_processes=min(2, self.config.num_workers))
 
     def _fit_epochs_to_budget(self, stage: str) -> None:
-        """Rescale the remaining epochs so the run (and its final validation) fits the budget.
-
-        After each epoch the time left is re-divided using the mean epoch time of each stage so far
-        (validation epochs included); a diffusion epoch is assumed to cost 1.6x an autoencoder
-        epoch until one has been seen (measured on Hippocampus 2d). The autoencoder stage can only
-        get shorter than planned, the diffusion stage takes whatever is left. A tenth of the budget
-        is kept for the final validation. ``stage`` is that of the last epoch trained; the time and
-        epoch times of earlier sessions of a resumed run count too.
-        """
-        times = self._epoch_times
-        ae_time = float(np.mean(times.get("autoencoder", times.get("diffusion"))))
-        diff_time = float(np.mean(times["diffusion"])) if "diffusion" in times else 1.6 * ae_time
-        left = max(self.config.time_budget_minutes * 60 * 0.9 - self.training_seconds(), 0.0)
-        new_ae = self.config.autoencoder_epochs
-        if stage == "autoencoder":
-            ae_share = self._plan_epochs[0] / max(sum(self._plan_epochs), 1)
-            ae_left = int(round(left / (ae_share * ae_time + (1 - ae_share) * diff_time) * ae_share))
-            new_ae = max(self.epoch, min(self.epoch + ae_left, self.config.autoencoder_epochs))
-            left -= (new_ae - self.epoch) * ae_time
-        done_diffusion = max(self.epoch - new_ae, 0)
-        new_diff = max(done_diffusion + int(left / diff_time), done_diffusion, 1)
+        """Rescale the remaining epochs so the run (and its final validation) fits the budget
+        (:func:`~latdiffunet.training.budget.epochs_within_budget`); ``stage`` is that of the last
+        epoch trained, and the time and epoch times of earlier sessions of a resumed run count too."""
+        new_ae, new_diff = epochs_within_budget(
+            self._epoch_times, stage, self.epoch, self._plan_epochs, self.config.autoencoder_epochs,
+            seconds_left=self.config.time_budget_minutes * 60 * 0.9 - self.training_seconds(),
+        )
         # rank 0's decision everywhere: ranks measure different times, and ranks that disagree on
         # the number of epochs wait for each other forever
         plan = self.dist.broadcast_from_main({"autoencoder_epochs": new_ae, "diffusion_epochs": new_diff})
