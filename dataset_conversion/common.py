@@ -250,10 +250,14 @@ def write_dataset_json(
     return data
 
 
-def write_splits(folder: Path, splits: list[dict[str, list[str]]]) -> Path:
-    """``splits_final.json`` in nnU-Net's format: ``[{"train": [...], "val": [...]}, ...]``."""
+def write_splits(folder: Path, splits: list[dict[str, list[str]]], groups: dict[str, str] | None = None) -> Path:
+    """``splits_final.json`` in nnU-Net's format: ``[{"train": [...], "val": [...]}, ...]``, and, for
+    splits grouped by patient or video, ``case_groups.json`` (``{"CASE": "GROUP"}``): training then
+    holds back whole groups, never single slices of a patient it trains on, to choose its checkpoint."""
     target = folder / "splits_final.json"
     write_json_file(splits, target)
+    if groups is not None:
+        write_json_file(dict(sorted(groups.items())), folder / "case_groups.json")
     return target
 
 

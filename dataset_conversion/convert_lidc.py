@@ -199,7 +199,8 @@ def convert(
             raise UserInputError("two slices map to the same case id", path=patient_root)
         num_patients = len({patient_of_case(c) for c in cases})
         if num_patients >= 2:
-            write_splits(out, grouped_kfold_splits(cases, patient_of_case, n_folds, seed, warn=log))
+            write_splits(out, grouped_kfold_splits(cases, patient_of_case, n_folds, seed, warn=log),
+                         groups={c: patient_of_case(c) for c in cases})
         else:
             log("only one patient: no splits_final.json written")
         write_dataset_json(

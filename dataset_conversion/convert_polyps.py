@@ -215,14 +215,13 @@ def convert(
         if dataset == "cvc":
             frames = {c: int(strip_ending(i)) for c, i, _ in jobs_meta if strip_ending(i).isdigit()}
             if len(frames) == len(cases) and all(1 <= f <= CVC_SEQUENCE_LAST_FRAME[-1] for f in frames.values()):
+                groups = {c: f"seq{cvc_sequence_of_frame(frames[c]):02d}" for c in cases}
                 try:
-                    splits = grouped_kfold_splits(
-                        cases, lambda c: f"seq{cvc_sequence_of_frame(frames[c]):02d}", warn=log
-                    )
+                    splits = grouped_kfold_splits(cases, groups.__getitem__, warn=log)
                 except ValueError as exc:
                     log(f"no splits_final.json: {exc}")
                 else:
-                    write_splits(out, splits)
+                    write_splits(out, splits, groups=groups)
                     extra["splits"] = "splits_final.json: 5 folds grouped by video sequence (seed 12345)"
             else:
                 log("file names are not CVC frame numbers: no sequence-grouped splits_final.json written")

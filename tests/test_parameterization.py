@@ -95,10 +95,13 @@ class EchoSegmenter(nn.Module):
     def condition(self, images: torch.Tensor) -> torch.Tensor:
         return nn.functional.avg_pool2d(images, 2)
 
+    def condition_and_detail(self, images: torch.Tensor):
+        return self.condition(images), None  # no refinement head
+
     def denoise(self, z, t, cond, random_latent=None):
         return self.gain * z
 
-    def decode_latent(self, z):
+    def decode_latent(self, z, detail=None):
         self.decoded.append(z.detach())
         up = nn.functional.interpolate(z[:, :1], scale_factor=2)
         return torch.cat([-up, up], 1)
@@ -141,11 +144,11 @@ def _record_decoded(model) -> list[torch.Tensor]:
     """Keep every latent handed to the decoder, with its gradient (= d loss / d x0_hat)."""
     seen, decode = [], model.decode_latent
 
-    def recording_decode(z):
+    def recording_decode(z, detail=None):
         if z.requires_grad:
             z.retain_grad()
         seen.append(z)
-        return decode(z)
+        return decode(z, detail)
 
     model.decode_latent = recording_decode
     return seen

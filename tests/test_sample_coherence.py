@@ -31,11 +31,14 @@ class NoiseEchoSegmenter(nn.Module):
     def condition(self, images: torch.Tensor) -> torch.Tensor:
         return nn.functional.avg_pool2d(images, self.factor) if images.ndim == 4 else nn.functional.avg_pool3d(images, self.factor)
 
+    def condition_and_detail(self, images: torch.Tensor):
+        return self.condition(images), None  # no refinement head
+
     def denoise(self, z, t, cond, random_latent=None, generator=None):
         assert random_latent is not None and random_latent.shape[0] == z.shape[0]
         return z + 0.0 * cond.mean() + random_latent[:, :1].reshape(-1, *([1] * (z.ndim - 1))).sign() * 0.0
 
-    def decode_latent(self, z):
+    def decode_latent(self, z, detail=None):
         logit = z[:, :1].sign() * 50
         up = nn.functional.interpolate(logit, scale_factor=self.factor, mode="nearest")
         return torch.cat([-up, up], 1)

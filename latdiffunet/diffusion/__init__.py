@@ -14,7 +14,7 @@ from latdiffunet.diffusion.parameterization import (
     training_target,
     x0_for_loss,
 )
-from latdiffunet.diffusion.samplers import Denoiser, ddim_sample, ddpm_sample
+from latdiffunet.diffusion.samplers import Denoiser, StepCallback, ddim_sample, ddpm_sample
 from latdiffunet.diffusion.schedules import (
     SCHEDULE_NAMES,
     NoiseSchedule,
@@ -29,6 +29,7 @@ __all__ = [
     "Denoiser",
     "NoiseSchedule",
     "Parameterization",
+    "StepCallback",
     "broadcast_to",
     "check_parameterization",
     "clip_x0_for",

@@ -21,6 +21,8 @@ from latdiffunet.diffusion.parameterization import check_parameterization, predi
 from latdiffunet.diffusion.schedules import NoiseSchedule, inference_timesteps
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# on_step(step_index, t, x0_hat, x_next): told after each step of a sampler what it estimated.
+StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
 
 def _initial_latent(
@@ -80,6 +82,7 @@ def ddim_sample(
     dtype: torch.dtype = torch.float32,
     differentiable: bool = False,
     grad_steps: int | None = None,
+    on_step: StepCallback | None = None,
 ) -> torch.Tensor:
     """DDIM (Song et al. 2021) over ``inference_timesteps(T, num_steps)``; returns x0_hat.
 
@@ -95,15 +98,22 @@ def ddim_sample(
     energy score; cDAL trains its 2-4 step sampler the same way). ``grad_steps`` limits the graph to
     the last that many steps (the earlier ones run without it): cheaper, and the loss then trains
     the steps that turn the chain's state into the final mask. By default no graph is built.
+
+    ``on_step(i, t, x0_hat, x_next)``, when given, is called after each step ``i = 0 .. num_steps - 1``
+    with its timestep ``t``, the x0 estimate made there and the chain's next state (at the last
+    step, the returned sample, which is ``x0_hat``): what a per-step analysis needs to ask how good
+    a k-step sample would have been without running k separate chains. It only observes (the
+    tensors are the loop's own; do not modify them in place), so the samples are the same with or
+    without it.
     """
     grad = differentiable and torch.is_grad_enabled()
     with torch.set_grad_enabled(grad):
         return _ddim_loop(denoise, schedule, shape, num_steps, parameterization, eta, generator, device, x_T, clip_x0,
-                          dtype, grad, grad_steps)
+                          dtype, grad, grad_steps, on_step)
 
 
 def _ddim_loop(denoise, schedule, shape, num_steps, parameterization, eta, generator, device, x_T, clip_x0, dtype,
-               grad=False, grad_steps=None):
+               grad=False, grad_steps=None, on_step=None):
     check_parameterization(parameterization)
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
@@ -115,6 +125,8 @@ def _ddim_loop(denoise, schedule, shape, num_steps, parameterization, eta, gener
         with torch.set_grad_enabled(grad and i >= first_with_grad):
             x0_hat, eps_hat = _predict(denoise, schedule, x, t, parameterization, clip_x0)
         if i == len(timesteps) - 1:
+            if on_step is not None:
+                on_step(i, t, x0_hat, x0_hat)
             return x0_hat
         a_t, a_prev = abar[t], abar[timesteps[i + 1]]
         noise_std = eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
@@ -122,6 +134,8 @@ def _ddim_loop(denoise, schedule, shape, num_steps, parameterization, eta, gener
         x = math.sqrt(a_prev) * x0_hat + dir_coef * eps_hat
         if noise_std > 0:
             x = x + noise_std * _noise_like(x, generator)
+        if on_step is not None:
+            on_step(i, t, x0_hat, x)
     raise AssertionError("unreachable: inference_timesteps is never empty")
 
 

@@ -176,3 +176,42 @@ class NoiseSchedule:
             raise ValueError(f"timesteps shape {tuple(t.shape)} does not match batch size {x0.shape[0]}")
         alpha, sigma = self.alpha_sigma(t, ndim=x0.ndim, dtype=x0.dtype)
         return alpha.to(x0.device) * x0 + sigma.to(x0.device) * noise
+
+    def posterior_coefficients(
+        self, t: torch.Tensor, s: torch.Tensor, ndim: int | None = None, dtype: torch.dtype = torch.float32
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(c_x0, c_xt, std)`` of q(x_s | x_t, x0) = N(c_x0 x0 + c_xt x_t, std^2), for s < t.
+
+        The DDPM posterior for a jump of any length (s = t - 1 is Ho et al.'s), as DDGAN uses it for
+        its few large steps: with ``abar_{t|s} = abar_t / abar_s``,
+        ``c_x0 = sqrt(abar_s) (1 - abar_{t|s}) / (1 - abar_t)``,
+        ``c_xt = sqrt(abar_{t|s}) (1 - abar_s) / (1 - abar_t)`` and
+        ``std^2 = (1 - abar_{t|s}) (1 - abar_s) / (1 - abar_t)``. ``s = -1`` stands for x0 itself
+        (abar = 1), where the posterior collapses to ``x0``: (1, 0, 0). Computed in float64 on the
+        CPU like every lookup here; returned on ``t``'s device, shaped like :meth:`alpha_sigma`.
+        """
+        abar_t = self._gather(t)
+        s = torch.as_tensor(s).detach().cpu().long()
+        if s.shape != t.shape or bool((s >= t.detach().cpu().long()).any()) or bool((s < -1).any()):
+            raise ValueError("s must have t's shape and satisfy -1 <= s < t")
+        abar_s = torch.where(s >= 0, self.alphas_cumprod[s.clamp_min(0)], torch.ones((), dtype=torch.float64))
+        ratio = abar_t / abar_s
+        c_x0 = abar_s.sqrt() * (1 - ratio) / (1 - abar_t)
+        c_xt = ratio.sqrt() * (1 - abar_s) / (1 - abar_t)
+        std = ((1 - ratio) * (1 - abar_s) / (1 - abar_t)).clamp_min(0).sqrt()
+        out = tuple(v.to(dtype=dtype, device=t.device) for v in (c_x0, c_xt, std))
+        if ndim is not None:
+            out = tuple(broadcast_to(v, ndim) for v in out)
+        return out
+
+    def posterior_sample(
+        self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor, noise: torch.Tensor
+    ) -> torch.Tensor:
+        """Draw x_s ~ q(x_s | x_t, x0) with the caller's noise (see :meth:`posterior_coefficients`).
+
+        With a predicted x0 this is DDGAN's generator step (and DDIM's with eta = 1); with the true
+        x0 it is the real sample the discriminator compares it with. Host lookups only: ``t`` and
+        ``s`` may live on the CPU while the latents are on an accelerator.
+        """
+        c_x0, c_xt, std = (v.to(x0.device, non_blocking=True) for v in self.posterior_coefficients(t, s, x0.ndim, x0.dtype))
+        return c_x0 * x0 + c_xt * x_t + std * noise

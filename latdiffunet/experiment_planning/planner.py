@@ -362,6 +362,8 @@ def network_config(dim: int, in_channels: int, num_classes: int, latent_c: int, 
             "attention_at_bottleneck": n["attention_at_bottleneck"],
             "random_latent_dim": n["random_latent_dim"],
         },
+        # full-resolution refinement of decoded masks with image detail (networks/refinement.py)
+        "refinement": {"enabled": n.get("refinement_channels", 0) > 0, "channels": n.get("refinement_channels") or 16},
     }
 
 

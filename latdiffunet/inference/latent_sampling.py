@@ -73,12 +73,19 @@ class DiffusionWindowPredictor:
 
     Call :meth:`begin_case` with the padded spatial shape of a case before its windows (the
     sliding window does this); without it every call draws fresh noise (a single patch).
+
+    ``every_step=True`` returns the decoded x0 estimate after *each* of the ``T = num_steps``
+    steps instead, as ``(B, T * S, K, *P)``, step-major (entry ``i * S + s`` is sample ``s`` after
+    step ``i``; the last ``S`` entries are exactly what ``every_step=False`` returns): the sliding
+    window stitches them like samples, and a caller reshapes the result to ``(T, S, K, ...)``. Each
+    step's probabilities go to host memory at once, so the device holds no more than usual.
     """
 
     def __init__(self, model: torch.nn.Module, diffusion: dict, num_samples: int, num_steps: int,
                  generator: torch.Generator | None = None, eta: float | None = None, amp: bool = False,
-                 noise_scale: float | None = None):
+                 noise_scale: float | None = None, every_step: bool = False):
         self.model = model
+        self.every_step = every_step
         # Scale of the starting noise and random latent (sampling temperature), calibrated on the
         # fold's validation cases at the end of training (see training/validation.py).
         self.noise_scale = float(diffusion.get("noise_scale", 1.0) if noise_scale is None else noise_scale)
@@ -105,7 +112,9 @@ class DiffusionWindowPredictor:
     def __call__(self, images: torch.Tensor, starts: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
         b, s = images.shape[0], self.num_samples
         with autocast_for(images.device, self.amp):
-            cond = self.model.condition(images).repeat_interleave(s, 0)
+            cond, detail = self.model.condition_and_detail(images)
+            cond = cond.repeat_interleave(s, 0)
+            detail = None if detail is None else detail.repeat_interleave(s, 0)  # the refinement head's input
         latent_shape = tuple(cond.shape[2:])
         if self.noise is not None and starts is not None:
             x_T = self.noise.crop(starts, latent_shape).to(images.device)
@@ -119,12 +128,24 @@ class DiffusionWindowPredictor:
             with autocast_for(images.device, self.amp):
                 return self.model.denoise(z, t, cond, random_latent=random_latent).float()
 
+        def decode(z: torch.Tensor) -> torch.Tensor:
+            with autocast_for(images.device, self.amp):
+                return self.model.decode_latent(z, detail).float().softmax(1)
+
+        steps: list[torch.Tensor] = []
+
+        def keep_step(i: int, t: int, x0_hat: torch.Tensor, x_next: torch.Tensor) -> None:
+            steps.append(decode(x0_hat).cpu())
+
         z0 = ddim_sample(
             denoise, self.schedule, x_T.shape, self.num_steps, self.diffusion["parameterization"], eta=self.eta,
             generator=self.generator, device=images.device, x_T=x_T, clip_x0=self.clip_x0,
+            on_step=keep_step if self.every_step else None,
         )
-        with autocast_for(images.device, self.amp):
-            probs = self.model.decode_latent(z0).float().softmax(1)
+        if self.every_step:  # (B * S, K, *P) per step -> (B, T * S, K, *P), step-major
+            per_step = torch.stack([p.view(b, s, *p.shape[1:]) for p in steps], 1)
+            return per_step.flatten(1, 2)
+        probs = decode(z0)
         return probs.view(b, s, *probs.shape[1:])
 
 

@@ -91,19 +91,25 @@ class LatentDiffusionPredictor:
         return pre, props
 
     @torch.no_grad()
-    def sample_probabilities(self, data: np.ndarray, settings: PredictionSettings) -> np.ndarray:
-        """``(F * S, K, *preprocessed)`` sampled class probabilities of all folds."""
+    def sample_probabilities(self, data: np.ndarray, settings: PredictionSettings, every_step: bool = False) -> np.ndarray:
+        """``(F * S, K, *preprocessed)`` sampled class probabilities of all folds.
+
+        ``every_step=True``: ``(T, F * S, K, *preprocessed)``, the decoded x0 estimate of every
+        sample after each of the ``T = settings.steps`` sampling steps (same noise, same windows);
+        its last entry equals what ``every_step=False`` returns. For the per-step analysis of the
+        sampler (``latdiffunet.evaluation.sampler_analysis``); it holds T times the memory.
+        """
         stacks = []
+        per_window = settings.steps if every_step else 1
         for i, (model, diffusion) in enumerate(zip(self.models, self.diffusions)):
             generator = torch.Generator(device=self.device).manual_seed(settings.seed + 1000 * i)
             predictor = DiffusionWindowPredictor(
                 model, diffusion, settings.num_samples, settings.steps, generator,
-                amp=settings.amp and self.device.type == "cuda", noise_scale=settings.noise_scale,
+                amp=settings.amp and self.device.type == "cuda", noise_scale=settings.noise_scale, every_step=every_step,
             )
-            stacks.append(
-                sliding_window_predict(
-                    data, self.configuration["patch_size"], predictor, settings.num_samples, self.num_classes,
-                    self.device, windows_per_batch=settings.windows_per_batch,
-                )
+            probs = sliding_window_predict(
+                data, self.configuration["patch_size"], predictor, per_window * settings.num_samples, self.num_classes,
+                self.device, windows_per_batch=settings.windows_per_batch,
             )
-        return np.concatenate(stacks, axis=0)
+            stacks.append(probs.reshape(settings.steps, settings.num_samples, *probs.shape[1:]) if every_step else probs)
+        return np.concatenate(stacks, axis=1 if every_step else 0)

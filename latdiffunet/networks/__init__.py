@@ -4,6 +4,7 @@
 * :class:`ImageEncoder` turns the image into features on the same latent grid.
 * :class:`LatentDenoiser` is the conditional UNet the diffusion process trains.
 * :class:`LatentDiffusionSegmenter` bundles them; :func:`build_model` builds it from plans.
+* :class:`LatentPairDiscriminator` judges reverse steps for the adversarial trainer variant (cDAL).
 * :func:`estimate_training_memory_bytes` sizes a configuration without a GPU.
 
 Nothing here imports ``latdiffunet.diffusion``: the networks do not know what their output means.
@@ -19,6 +20,7 @@ from .blocks import (
     timestep_embedding,
 )
 from .denoiser import LatentDenoiser, LatentDenoiserConfig
+from .discriminator import DiscriminatorConfig, LatentPairDiscriminator, attention_weights
 from .image_encoder import ImageEncoder, ImageEncoderConfig
 from .mask_autoencoder import MaskAutoencoder, MaskAutoencoderConfig, kl_divergence
 from .memory import estimate_training_memory_bytes, memory_breakdown
@@ -41,6 +43,9 @@ __all__ = [
     "LatentDenoiserConfig",
     "LatentDenoiser",
     "LatentDiffusionSegmenter",
+    "DiscriminatorConfig",
+    "LatentPairDiscriminator",
+    "attention_weights",
     "build_model",
     "resolve_model_config",
     "MODEL_DEFAULTS",

@@ -64,10 +64,10 @@ def _traced_activation_elements(
         onehot = torch.empty(batch, cfg["num_classes"], *patch, device=meta)
         image = torch.empty(batch, cfg["in_channels"], *patch, device=meta)
         mu, _ = model.autoencoder.encode(onehot)
-        model.autoencoder.decode(mu)
-        cond = model.condition(image)
+        cond, detail = model.condition_and_detail(image)
         t = torch.zeros(batch, dtype=torch.long, device=meta)
         model.denoise(torch.empty_like(mu), t, cond)
+        model.decode_latent(mu, detail)  # the autoencoder's decoder, then the refinement head if any
         total += onehot.numel() + image.numel()  # network inputs are kept as well
     finally:
         for h in handles:

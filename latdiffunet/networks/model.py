@@ -22,6 +22,9 @@ Config-dict schema accepted by :func:`build_model` (this is what the plans store
         "attention_at_bottleneck": true, "attention_heads": 4,
         "time_embedding_dim": null, "random_latent_dim": 0,
         "blocks_per_level": 1, "dropout": 0.0
+      },
+      "refinement": {                     # all optional; off unless the plans switch it on
+        "enabled": false, "channels": 16, "blocks": 2
       }
     }
 
@@ -42,6 +45,7 @@ from torch import nn
 from .denoiser import LatentDenoiser, LatentDenoiserConfig
 from .image_encoder import ImageEncoder, ImageEncoderConfig
 from .mask_autoencoder import MaskAutoencoder, MaskAutoencoderConfig
+from .refinement import RefinementHead, RefinementHeadConfig
 
 __all__ = ["LatentDiffusionSegmenter", "build_model", "resolve_model_config", "MODEL_DEFAULTS"]
 
@@ -75,9 +79,11 @@ MODEL_DEFAULTS: dict[str, Any] = {
         "blocks_per_level": 1,
         "dropout": 0.0,
     },
+    # Off by default so that a checkpoint whose stored config predates the head rebuilds as it was.
+    "refinement": {"enabled": False, "channels": 16, "blocks": 2},
 }
 _REQUIRED = ("dim", "in_channels", "num_classes")
-_SECTIONS = ("autoencoder", "image_encoder", "denoiser")
+_SECTIONS = ("autoencoder", "image_encoder", "denoiser", "refinement")
 
 
 def resolve_model_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -114,7 +120,13 @@ def _tuple_or_none(value: Any) -> tuple[int, ...] | None:
 
 
 class LatentDiffusionSegmenter(nn.Module):
-    """Mask autoencoder + image encoder + latent denoiser, plus the latent scale.
+    """Mask autoencoder + image encoder + latent denoiser (+ optional refinement head), plus the
+    latent scale.
+
+    With a refinement head (:mod:`.refinement`), decoded masks are refined with the image
+    encoder's full-resolution features: callers get them from :meth:`condition_and_detail` and
+    pass them to :meth:`decode_latent` as ``detail``. Without ``detail`` the plain decoder's
+    logits come back (the autoencoder's own reconstruction, the planner's memory trace).
 
     ``latent_scale`` is a buffer (saved in the state dict, moved with ``.to()``, not trained):
     the trainer sets it to ``1 / std`` of the encoded training latents so the diffusion process
@@ -129,11 +141,13 @@ class LatentDiffusionSegmenter(nn.Module):
         image_encoder: ImageEncoder,
         denoiser: LatentDenoiser,
         config: dict[str, Any] | None = None,
+        refinement: RefinementHead | None = None,
     ):
         super().__init__()
         self.autoencoder = autoencoder
         self.image_encoder = image_encoder
         self.denoiser = denoiser
+        self.refinement = refinement
         self.config = config  # resolved build_model dict, if built from one
         self.register_buffer("latent_scale", torch.tensor(1.0))
 
@@ -142,13 +156,23 @@ class LatentDiffusionSegmenter(nn.Module):
         mu, _ = self.autoencoder.encode(onehot)
         return mu * self.latent_scale.to(mu.dtype)
 
-    def decode_latent(self, z_scaled: torch.Tensor) -> torch.Tensor:
-        """Scaled latent -> class logits (undoes latent_scale before decoding)."""
-        return self.autoencoder.decode(z_scaled / self.latent_scale.to(z_scaled.dtype))
+    def decode_latent(self, z_scaled: torch.Tensor, detail: torch.Tensor | None = None) -> torch.Tensor:
+        """Scaled latent -> class logits (undoes latent_scale before decoding), refined with the
+        image ``detail`` of the same images when the model has a refinement head."""
+        logits = self.autoencoder.decode(z_scaled / self.latent_scale.to(z_scaled.dtype))
+        if self.refinement is not None and detail is not None:
+            logits = self.refinement(logits, detail)
+        return logits
 
     def condition(self, image: torch.Tensor) -> torch.Tensor:
         """Image -> conditioning feature at latent resolution (the encoder's last scale)."""
         return self.image_encoder(image)[-1]
+
+    def condition_and_detail(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Image -> (conditioning feature at latent resolution, full-resolution feature for the
+        refinement head, or None without one). One pass of the image encoder for both."""
+        features = self.image_encoder(image)
+        return features[-1], (features[0] if self.refinement is not None else None)
 
     def denoise(
         self,
@@ -213,4 +237,18 @@ def build_model(config: dict[str, Any]) -> LatentDiffusionSegmenter:
             dropout=float(dn["dropout"]),
         )
     )
-    return LatentDiffusionSegmenter(autoencoder, image_encoder, denoiser, config=cfg)
+    rf = cfg["refinement"]
+    refinement = (
+        RefinementHead(
+            RefinementHeadConfig(
+                dim=dim,
+                num_classes=int(cfg["num_classes"]),
+                detail_channels=image_encoder.out_channels_per_scale[0],
+                channels=int(rf["channels"]),
+                blocks=int(rf["blocks"]),
+            )
+        )
+        if rf["enabled"]
+        else None
+    )
+    return LatentDiffusionSegmenter(autoencoder, image_encoder, denoiser, config=cfg, refinement=refinement)

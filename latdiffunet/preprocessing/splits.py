@@ -3,10 +3,17 @@
 Seeded and written once: rerunning preprocessing reuses the existing file, so results of
 different runs (and of nnU-Net on the same folder) are comparable. A dataset may ship its own
 ``splits_final.json`` (e.g. LIDC split by patient); it is then copied, after validation.
+
+A dataset whose cases come in groups that must never be separated (slices of one patient, frames
+of one video) may also ship ``case_groups.json``, ``{"CASE": "GROUP", ...}``. The folds say which
+cases were kept together, but not which cases of one fold belong together; the training uses the
+groups to hold back whole groups from a fold's training part for choosing the checkpoint
+(``training/held_back.py``). It is copied next to ``splits_final.json`` like the splits.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +23,7 @@ from latdiffunet.raw_dataset import is_plain_name
 from latdiffunet.utilities.file_io import load_json, write_json
 
 DEFAULT_SEED = 12345
+CASE_GROUPS_FILE = "case_groups.json"
 
 
 def make_kfold_splits(case_ids: list[str], num_folds: int = 5, seed: int = DEFAULT_SEED) -> list[dict]:
@@ -63,7 +71,9 @@ def validate_splits(splits: object, case_ids: list[str], path: Path) -> list[dic
 
 
 def ensure_splits(preprocessed_dataset: Path, raw_dataset: Path, case_ids: list[str], num_folds: int = 5) -> tuple[list[dict], str]:
-    """Existing splits are reused; a dataset's own splits are adopted; otherwise seeded k-fold."""
+    """Existing splits are reused; a dataset's own splits are adopted; otherwise seeded k-fold.
+    A shipped ``case_groups.json`` is copied alongside (:func:`copy_case_groups`)."""
+    copy_case_groups(preprocessed_dataset, raw_dataset)
     target = preprocessed_dataset / "splits_final.json"
     if target.is_file():
         return validate_splits(load_json(target, "splits_final.json"), case_ids, target), "reused"
@@ -74,3 +84,47 @@ def ensure_splits(preprocessed_dataset: Path, raw_dataset: Path, case_ids: list[
         splits, how = make_kfold_splits(case_ids, num_folds), f"new {num_folds}-fold split (seed {DEFAULT_SEED})"
     write_json(splits, target)
     return splits, how
+
+
+def copy_case_groups(preprocessed_dataset: Path, raw_dataset: Path) -> bool:
+    """Copy a shipped ``case_groups.json`` next to the splits (validated; an existing copy is kept,
+    as the splits are). Returns whether the preprocessed folder now has one."""
+    target = preprocessed_dataset / CASE_GROUPS_FILE
+    shipped = raw_dataset / CASE_GROUPS_FILE
+    if not target.is_file() and shipped.is_file():
+        write_json(load_case_groups(raw_dataset).groups, target)
+    return target.is_file()
+
+
+@dataclass(frozen=True)
+class CaseGroups:
+    """Which group (patient, video) each case belongs to, and the file that said so."""
+
+    groups: dict[str, str]
+    source: Path
+
+    def group_of(self, case: str, context: str) -> str:
+        """The group of ``case``; a case the file does not list is a :class:`UserInputError`."""
+        if case not in self.groups:
+            raise UserInputError(
+                f"case {case!r} ({context}) has no group", path=self.source,
+                fix="list every case of splits_final.json in it, or delete it to treat each case as its own group",
+            )
+        return self.groups[case]
+
+
+def load_case_groups(*folders: Path | None) -> CaseGroups | None:
+    """``case_groups.json`` of the first of ``folders`` that has one (preprocessed, then raw), or None."""
+    for folder in folders:
+        if folder is None or not (Path(folder) / CASE_GROUPS_FILE).is_file():
+            continue
+        path = Path(folder) / CASE_GROUPS_FILE
+        raw = load_json(path, CASE_GROUPS_FILE)
+        fix = 'write it as {"CASE": "GROUP", ...} (e.g. the patient of each slice), or delete it'
+        if not isinstance(raw, dict) or not raw:
+            raise UserInputError("must be a non-empty object mapping case names to group names", path=path, fix=fix)
+        bad = next(((c, g) for c, g in raw.items() if not isinstance(g, (str, int)) or isinstance(g, bool)), None)
+        if bad is not None:
+            raise UserInputError(f"case {bad[0]!r} has group {bad[1]!r}; a group is a name or a number", path=path, fix=fix)
+        return CaseGroups({str(c): str(g) for c, g in raw.items()}, path)
+    return None

@@ -1,4 +1,14 @@
-"""``latdiff_train DATASET FOLD``: train one fold (0-4 or ``all``) of one configuration."""
+"""``latdiff_train DATASET FOLD [FOLD ...]``: train folds (0-4 or ``all``) of one configuration.
+
+``all`` means what it means in nnU-Net: one model trained on every case, no validation, no
+cross-validation number; the model to deploy once cross-validation has chosen the configuration.
+Several folds (``latdiff_train 4 0 1 2 3 4``) are trained one after the other in this process; with
+``--c`` a fold that already finished (``checkpoint_final.pth`` and ``validation/summary.json``) is
+skipped, so a killed loop is restarted with the same command. When two or more cross-validation
+folds are done, their summaries are merged into
+``crossval_results_folds_<folds>/summary.json`` (``evaluation/cross_validation.py``). On several
+GPUs, one fold per GPU in parallel is faster: see the README.
+"""
 
 from __future__ import annotations
 
@@ -15,12 +25,16 @@ if TYPE_CHECKING:
     import torch
 
     from latdiffunet.training.distributed import DistributedContext
+    from latdiffunet.training.held_back import HeldBackSelection
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="latdiff_train", description="Train the latent diffusion segmenter on one fold.")
+    p = argparse.ArgumentParser(prog="latdiff_train", description="Train the latent diffusion segmenter on one or more folds.")
     p.add_argument("dataset", help="dataset ID or name, e.g. 4 or Dataset004_Hippocampus")
-    p.add_argument("fold", help="fold 0-4, or 'all' (train on every case, no validation)")
+    p.add_argument("folds", nargs="+", metavar="fold",
+                   help="fold 0-4, or 'all' (train on every case, no validation, as nnU-Net's 'all'); several folds, "
+                        "e.g. 0 1 2 3 4, are trained one after the other (--budget-minutes applies to each), then their "
+                        "validation summaries are merged into the cross-validation summary")
     p.add_argument("-c", "--configuration", default=None, help="2d or 3d (default: 3d when planned, else 2d)")
     p.add_argument("-p", "--plans", default="latdiffPlans", help="plans identifier (default latdiffPlans: sized for the CPU or the GPU, see latdiff_plan_and_preprocess --target; latdiffPlans_tiny for the tiny preset)")
     p.add_argument("-tr", "--trainer", default="LatentDiffusionTrainer", help="trainer class name (variants: see latdiffunet/training/variants.py)")
@@ -31,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-minutes", type=float, default=None, help="wall-clock budget: epochs are rescaled to fit it (final validation included)")
     p.add_argument("--device", default=None, choices=["cuda", "cpu", "mps"], help="default: cuda if available, else cpu")
     p.add_argument("--num-workers", type=int, default=None, help="augmentation worker processes (0 = in the main process)")
-    p.add_argument("--c", dest="resume", action="store_true", help="continue from checkpoint_latest.pth")
+    p.add_argument("--c", dest="resume", action="store_true",
+                   help="continue from checkpoint_latest.pth; with several folds, finished folds are skipped")
     p.add_argument("--val-only", action="store_true", help="only run the final validation of a trained fold")
     p.add_argument("--nproc", "--num-gpus", dest="nproc", type=int, default=1, metavar="N",
                    help="train data-parallel in N processes on this machine, one per GPU (on the CPU: gloo), started "
@@ -62,6 +77,13 @@ class TrainingRun:
     config: TrainerConfig
     splits: list[dict]
     raw: Path | None
+    held_back: HeldBackSelection  # the cases that choose checkpoint_best and the temperature
+    resumed: bool = False  # --c
+
+    def finished(self) -> bool:
+        """Trained and validated (fold ``all``: trained)."""
+        done = (self.output / "checkpoint_final.pth").is_file()
+        return done and (self.fold == "all" or (self.output / "validation" / "summary.json").is_file())
 
 
 @friendly_errors
@@ -76,10 +98,13 @@ def main(argv: list[str] | None = None) -> int:
 
     context = DistributedContext.from_environment()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    run = resolve_run(args, device)  # user errors are reported here, once, before any process starts
+    folds = _fold_list(args.folds)
+    # user errors of every fold are reported here, once, before any process starts or any fold trains
+    runs = [resolve_run(argparse.Namespace(**(vars(args) | {"fold": fold})), device) for fold in folds]
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserInputError("--device cuda but no CUDA GPU is visible", fix="use --device cpu")
     if not args.val_only:  # validation runs in one process anyway
+        run = runs[0]
         _check_processes(args.nproc, context, device, run.config.batch_size or run.plans["configurations"][run.configuration]["batch_size"])
         if args.nproc > 1 and not context.enabled:
             return launch_torchrun(args.nproc, "latdiffunet.training.cli", argv_without_nproc(argv))
@@ -88,20 +113,56 @@ def main(argv: list[str] | None = None) -> int:
         device = context.device(device.type)
         init_process_group(context, device)
     try:
-        trainer = run.trainer_class(run.plans, run.configuration, run.fold, run.preprocessed, run.output, device, run.config,
-                                    run.splits, run.raw, distributed=context)
-        if args.val_only:
-            summary = {}
-            if context.is_main:  # the other processes have nothing to do
-                trainer._write_run_files()
-                summary = trainer.final_validation()
-        else:
-            summary = trainer.run(resume=args.resume)
+        for run in runs:
+            if len(runs) > 1 and args.resume and not args.val_only and run.finished():
+                if context.is_main:
+                    print(f"fold {run.fold} already finished ({run.output}); skipped")
+                continue
+            _train_or_validate(run, args.val_only, device, context)
     finally:
         destroy_process_group()
-    if summary:
-        print(f"validation mean foreground Dice: {summary['foreground_mean']['Dice']:.4f} -> {run.output / 'validation' / 'summary.json'}")
+    cv_folds = [run.fold for run in runs if run.fold != "all"]
+    if len(cv_folds) > 1 and context.is_main:
+        _merge_cross_validation(runs[0].output.parent, cv_folds)
     return 0
+
+
+def _train_or_validate(run: TrainingRun, val_only: bool, device: "torch.device", context: "DistributedContext") -> None:
+    """Train one fold (or, with ``val_only``, only validate it) and print its validation Dice."""
+    trainer = run.trainer_class(run.plans, run.configuration, run.fold, run.preprocessed, run.output, device, run.config,
+                                run.splits, run.raw, distributed=context, held_back=run.held_back)
+    if val_only:
+        summary = {}
+        if context.is_main:  # the other processes have nothing to do
+            trainer._write_run_files()
+            summary = trainer.final_validation()
+    else:
+        summary = trainer.run(resume=run.resumed)
+    if summary:
+        print(f"fold {run.fold}: validation mean foreground Dice {summary['foreground_mean']['Dice']:.4f} "
+              f"({summary['checkpoint']}) -> {run.output / 'validation' / 'summary.json'}")
+
+
+def _merge_cross_validation(run_folder: Path, folds: list[int]) -> None:
+    """The cross-validation summary of ``folds`` when every one of them has a validation summary."""
+    from latdiffunet.evaluation.cross_validation import accumulate_cross_validation, missing_folds
+
+    if missing_folds(run_folder, folds):
+        return
+    summary, target = accumulate_cross_validation(run_folder, folds)
+    print(f"cross-validation ({len(folds)} folds, {summary['num_cases']} cases): mean foreground Dice "
+          f"{summary['foreground_mean']['Dice']:.4f} -> {target}")
+
+
+def _fold_list(folds: list[str]) -> list[int | str]:
+    """Each fold once, as an int or 'all', in the order given."""
+    from latdiffunet.errors import UserInputError
+
+    parsed = [fold if fold == "all" else _int_fold(fold) for fold in folds]
+    repeated = sorted({str(f) for f in parsed if parsed.count(f) > 1})
+    if repeated:
+        raise UserInputError(f"fold(s) {', '.join(repeated)} given more than once", fix="name each fold once, e.g. 0 1 2 3 4")
+    return parsed
 
 
 def argv_without_nproc(argv: list[str]) -> list[str]:
@@ -151,8 +212,9 @@ def resolve_run(args: argparse.Namespace, device: "torch.device") -> TrainingRun
     from latdiffunet import paths
     from latdiffunet.errors import UserInputError
     from latdiffunet.experiment_planning.planner import load_plans
-    from latdiffunet.preprocessing.splits import validate_splits
+    from latdiffunet.preprocessing.splits import load_case_groups, validate_splits
     from latdiffunet.raw_dataset import parse_dataset_json, resolve_dataset_name
+    from latdiffunet.training.held_back import resolve_held_back
     from latdiffunet.training.variants import get_trainer_class
     from latdiffunet.utilities.file_io import load_json
 
@@ -171,7 +233,7 @@ def resolve_run(args: argparse.Namespace, device: "torch.device") -> TrainingRun
             f"configuration {configuration!r} is not in the plans (has {sorted(plans['configurations'])})", path=plans_file,
             fix=f"choose one of them with -c, or plan it: latdiff_plan_and_preprocess -d {args.dataset} -c {configuration}",
         )
-    fold = args.fold if args.fold == "all" else _int_fold(args.fold)
+    fold = args.fold if args.fold == "all" else _int_fold(str(args.fold))
     rerun = f"run latdiff_plan_and_preprocess -d {args.dataset} -c {configuration}" + (" --preset tiny" if args.plans.endswith("_tiny") else "")
     data_folder = pre / plans["configurations"][configuration]["data_identifier"]
     if not data_folder.is_dir():
@@ -208,7 +270,11 @@ def resolve_run(args: argparse.Namespace, device: "torch.device") -> TrainingRun
             diff_total = config.total_epochs - int(saved["autoencoder_epochs"])
             config = config.with_overrides(autoencoder_epochs=int(saved["autoencoder_epochs"]), diffusion_epochs=max(diff_total, 0))
     raw = paths.raw_root() / name
-    return TrainingRun(trainer_class, plans, configuration, fold, pre, output, config, splits, raw if raw.is_dir() else None)
+    raw = raw if raw.is_dir() else None
+    fold_train, fold_val = (preprocessed, []) if fold == "all" else (splits[fold]["train"], splits[fold]["val"])
+    held_back = resolve_held_back(output, fold, fold_train, fold_val, load_case_groups(pre, raw),
+                                  continuing=args.resume or args.val_only)
+    return TrainingRun(trainer_class, plans, configuration, fold, pre, output, config, splits, raw, held_back, bool(args.resume))
 
 
 def _int_fold(text: str) -> int:

@@ -47,6 +47,15 @@ class TrainerConfig:
     sample_loss_start: float = 0.25
     calibrate_noise_scale: bool = True  # pick the sampling temperature on validation cases (sampling_calibration.py)
     sample_loss_steps: int | None = None  # None: the plans' sampling steps
+    # cDAL's discriminator: used by LatentDiffusionTrainer_adversarial only (training/adversarial.py),
+    # set in the plans' "training" like the rest. Weight of the generator's adversarial loss (a first
+    # guess: the non-saturating loss starts at 0.69, the decoded CE + Dice near 1; 0 keeps only the
+    # attention weighting), the discriminator's learning rate (None: learning_rate), its R1 penalty
+    # on real samples (DDGAN's 0.02; 0: none) and its width.
+    adversarial_weight: float = 0.05
+    adversarial_learning_rate: float | None = None
+    adversarial_r1_gamma: float = 0.02
+    discriminator_channels: int = 32
     kl_weight: float = 1e-6
     # steps between reads of the running loss for the progress bar: each read makes the host wait for the GPU
     loss_readout_every: int = 25

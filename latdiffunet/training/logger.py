@@ -55,7 +55,8 @@ class TrainingLogger:
             return
         epochs = [e["epoch"] for e in h]
         fig, axes = plt.subplots(4, 1, figsize=(10, 13), sharex=True)
-        for key, label in (("train_loss", "train loss"), ("latent_loss", "latent loss"), ("decoded_loss", "decoded seg loss")):
+        for key, label in (("train_loss", "train loss"), ("latent_loss", "latent loss"), ("decoded_loss", "decoded seg loss"),
+                           ("adv_d_loss", "discriminator loss"), ("adv_g_loss", "generator adversarial loss")):
             ys = [e.get(key, math.nan) for e in h]
             if any(not math.isnan(y) for y in ys):
                 axes[0].plot(epochs, ys, label=label)

@@ -22,13 +22,23 @@ tensors, which the trainer reads once every few steps, so a GPU never waits for 
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 BatchSum = Callable[[torch.Tensor], torch.Tensor]
 DICE_SMOOTH = 1e-5  # keeps Dice defined for a class absent from prediction and target
+
+
+class ExtraLoss(NamedTuple):
+    """What a trainer variant adds to one diffusion step (``LatentDiffusionTrainer.extra_diffusion_loss``):
+    a weighted loss term, its parts for the log (detached), and an optional ``(B, 1, *S)`` weight
+    map for the decoded segmentation loss (``segmentation_loss``'s ``spatial_weight``)."""
+
+    loss: torch.Tensor
+    parts: dict[str, torch.Tensor]
+    decoded_spatial_weight: torch.Tensor | None = None
 
 
 def single_process_sum(statistic: torch.Tensor) -> torch.Tensor:
@@ -154,6 +164,7 @@ def segmentation_loss(
     ignore_label: int | None = None,
     image_weight: torch.Tensor | None = None,
     batch_sum: BatchSum = single_process_sum,
+    spatial_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted cross-entropy + soft Dice over the annotated voxels; returns the loss and its parts
     (detached tensors) for logging.
@@ -162,7 +173,9 @@ def segmentation_loss(
     restricted to annotated voxels, written out so a patch without any annotated voxel gives 0
     rather than NaN. ``image_weight`` ``(B,)`` 0/1 leaves whole images out (as if unannotated):
     a mask rather than an index, so nothing depends on how many are left. Both terms sum over
-    the whole batch (``batch_sum``), in one reduction.
+    the whole batch (``batch_sum``), in one reduction. ``spatial_weight`` ``(B, 1, *S)`` (positive,
+    e.g. cDAL's attention map, ``training/adversarial.py``) weights each voxel in both terms, as
+    ``valid`` does: a weighted mean for the cross-entropy, weighted sums in the Dice.
     """
     num_classes = logits.shape[1]
     labels = class_indices(seg, num_classes, ignore_label)
@@ -170,6 +183,9 @@ def segmentation_loss(
     if image_weight is not None:
         per_image = image_weight.to(logits.device, torch.float32).view(-1, *([1] * (seg.ndim - 1)))
         valid = per_image.expand(seg.shape) if valid is None else valid * per_image
+    if spatial_weight is not None:
+        weight = spatial_weight.to(logits.device, torch.float32)
+        valid = weight.expand(seg.shape) if valid is None else valid * weight
     per_voxel = F.cross_entropy(logits.float(), labels, weight=class_weights, reduction="none")  # w[y] * loss
     voxel_weight = class_weights[labels] if class_weights is not None else torch.ones_like(per_voxel)
     if valid is not None:

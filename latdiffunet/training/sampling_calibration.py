@@ -1,9 +1,10 @@
-"""Sampling temperature: how far apart the samples of a trained model should be, chosen on validation cases.
+"""Sampling temperature: how far apart the samples of a trained model should be, chosen on held-back cases.
 
 The starting noise (and random latent) of every sample is scaled by a temperature. At the end of
-training :func:`calibrate_noise_scale` scores a few temperatures on the fold's validation cases
-(never test data), picks one with :func:`choose_noise_scale` and stores it in the checkpoints,
-where prediction reads it (``diffusion["noise_scale"]``).
+training :func:`calibrate_noise_scale` scores a few temperatures on the cases the fold held back
+from its training part (``held_back.py``; never its validation cases, never test data), picks one
+with :func:`choose_noise_scale` and stores it in the checkpoints, where prediction reads it
+(``diffusion["noise_scale"]``).
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def unbiased_ged(terms: dict[str, float], num_samples: int, num_annotations: int
 
 
 def calibration_cases(val_cases: list[str], minimum: int, fraction: float = 0.05) -> list[str]:
-    """``max(minimum, fraction of them)`` validation cases, spread evenly over the sorted list.
+    """``max(minimum, fraction of them)`` of the cases (the held-back ones), spread evenly over the list.
 
     Evenly spaced rather than the first ones: case names sort by patient, so the first 50 LIDC
     slices come from two patients, whose nodules say little about the other 98 % of the fold.
@@ -170,7 +171,7 @@ def calibrate_noise_scale(
         "chosen_noise_scale": scale, "criterion": criterion,
         "cases": case_ids, "checkpoint": checkpoints[0].name, "num_samples": num_samples, "table": rows,
     })
-    logger.log("sampling temperature on %d validation cases: " % len(case_ids) + "; ".join(
+    logger.log("sampling temperature on %d held-back cases: " % len(case_ids) + "; ".join(
         f"scale {r['noise_scale']:g}: GED {r['GED']:.4f}, spread {r['sample_diversity']:.4f}, "
         f"Dice one sample {r['Dice_single_sample']:.4f}, mean {r['Dice_of_mean']:.4f}" for r in rows) + f" -> {scale:g}")
     store_noise_scale(checkpoints, scale, device)

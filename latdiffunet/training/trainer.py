@@ -39,15 +39,18 @@ from latdiffunet.diffusion import NoiseSchedule, clip_x0_for, ddim_sample, train
 from latdiffunet.errors import UserInputError
 from latdiffunet.inference.predictor import LatentDiffusionPredictor, PredictionSettings
 from latdiffunet.networks import build_model, kl_divergence
+from latdiffunet.preprocessing.splits import load_case_groups
 from latdiffunet.training.config import TrainerConfig
 from latdiffunet.training.distributed import (
     DistributedContext, local_batch_size, local_foreground_fraction, pooled_std, stream_seed,
 )
 from latdiffunet.training.device_fit import GpuPlansOnCpuCheck
 from latdiffunet.training.final_validation import validate_in_original_geometry
+from latdiffunet.training.held_back import CONFIG_KEY as HELD_BACK_KEY, HeldBackSelection, choose_held_back
 from latdiffunet.training.logger import TrainingLogger
 from latdiffunet.training.losses import (
-    check_label_values, energy_score_loss, latent_valid_fraction, one_hot, segmentation_loss, valid_mask, weighted_mean,
+    ExtraLoss, check_label_values, energy_score_loss, latent_valid_fraction, one_hot, segmentation_loss, valid_mask,
+    weighted_mean,
 )
 from latdiffunet.training.budget import epochs_within_budget
 from latdiffunet.training.sampling_calibration import calibrate_noise_scale, calibration_cases
@@ -74,6 +77,7 @@ class LatentDiffusionTrainer:
         splits: list[dict],
         raw_dataset_folder: Path | None = None,
         distributed: DistributedContext | None = None,
+        held_back: HeldBackSelection | None = None,
     ):
         self.plans = plans
         self.configuration_name = configuration_name
@@ -88,6 +92,11 @@ class LatentDiffusionTrainer:
         self.config = config
         self.dist = distributed or DistributedContext()
         self.train_cases, self.val_cases = self._fold_cases(splits)
+        # checkpoint_best and the temperature are chosen on these, never on val_cases (held_back.py)
+        self.held_back = held_back or choose_held_back(fold, self.train_cases, self.val_cases, load_case_groups(preprocessed_dataset_folder))
+        self.train_cases = [c for c in self.train_cases if c not in set(self.held_back.cases)]
+        # nothing held back: periodic validation on val_cases only draws the curve, no checkpoint_best
+        self.periodic_cases = list(self.held_back.cases) or self.val_cases
         # the global batch (config or plans) split evenly over the processes; one share per process
         self.global_batch_size = config.batch_size or self.configuration["batch_size"]
         self.local_batch_size = local_batch_size(self.global_batch_size, self.dist.world_size)
@@ -133,6 +142,8 @@ class LatentDiffusionTrainer:
         if stage == "autoencoder":
             return list(self.model.autoencoder.parameters())
         params = list(self.model.image_encoder.parameters()) + list(self.model.denoiser.parameters())
+        if self.model.refinement is not None:
+            params += list(self.model.refinement.parameters())
         if self.config.joint_finetune:
             params += list(self.model.autoencoder.decoder.parameters())
         return params
@@ -242,13 +253,16 @@ class LatentDiffusionTrainer:
         alpha_host, sigma_host = self.schedule.alpha_sigma(t_host, ndim=z0.ndim)
         t, alpha, sigma = (v.to(self.device, non_blocking=True) for v in (t_host, alpha_host, sigma_host))
         z_t = alpha * z0 + sigma * noise
-        cond = self.model.condition(data)
+        cond, detail = self.model.condition_and_detail(data)
         output = self.model.denoise(z_t, t, cond, random_latent=random_latent).float()
         target = training_target(self.parameterization, z0, noise, alpha, sigma)
         latent_weight = None if valid is None else latent_valid_fraction(valid, z0.shape)
         latent_loss = weighted_mean((output - target) ** 2, latent_weight, batch_sum=self.dist.batch_sum)
         loss = self.config.latent_loss_weight * latent_loss
         parts = {"latent_loss": latent_loss.detach()}
+        extra = self.extra_diffusion_loss(data, z0, z_t, t_host, output)  # a variant's terms (adversarial.py), or None
+        if extra is not None:
+            loss, parts = loss + extra.loss, parts | extra.parts
 
         if self.config.decoded_supervision_weight > 0:
             readable = None  # every noise level (the default)
@@ -257,14 +271,15 @@ class LatentDiffusionTrainer:
             x0_hat = x0_for_loss(self.parameterization, output, z_t, alpha, sigma, clip_x0=self.clip_x0)
             weights = self.class_weights if self.config.decoded_class_weights else None
             decoded_loss, seg_parts = segmentation_loss(
-                self.model.decode_latent(x0_hat), seg, weights, self.config.dice_weight, self.ignore_label,
+                self.model.decode_latent(x0_hat, detail), seg, weights, self.config.dice_weight, self.ignore_label,
                 image_weight=readable, batch_sum=self.dist.batch_sum,
+                spatial_weight=None if extra is None else extra.decoded_spatial_weight,
             )
             loss = loss + self.config.decoded_supervision_weight * decoded_loss
             parts |= seg_parts | {"decoded_loss": decoded_loss.detach()}
 
         if self.config.sample_loss_weight > 0 and self._sample_loss_active():
-            sample_loss, sample_parts = self.sample_loss(cond, target_onehot, valid)
+            sample_loss, sample_parts = self.sample_loss(cond, target_onehot, valid, detail)
             loss = loss + self.config.sample_loss_weight * sample_loss
             parts |= sample_parts | {"sample_loss": sample_loss.detach()}
         return loss, parts
@@ -287,7 +302,8 @@ class LatentDiffusionTrainer:
         return into_stage >= self.config.sample_loss_start * self.config.diffusion_epochs
 
     def sample_loss(
-        self, cond: torch.Tensor, target_onehot: torch.Tensor, valid: torch.Tensor | None = None
+        self, cond: torch.Tensor, target_onehot: torch.Tensor, valid: torch.Tensor | None = None,
+        detail: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict]:
         """Energy score of M sampled masks per image for the first ``sample_loss_images`` images.
 
@@ -313,7 +329,8 @@ class LatentDiffusionTrainer:
             differentiable=True,
             grad_steps=self.config.sample_loss_grad_steps,
         )
-        probs = self.model.decode_latent(z0).float().softmax(1)
+        detail_m = None if detail is None else detail[:n].repeat_interleave(m, 0)
+        probs = self.model.decode_latent(z0, detail_m).float().softmax(1)
         return energy_score_loss(probs.view(n, m, *probs.shape[1:]), target_onehot[:n], None if valid is None else valid[:n])
 
     def train_step(self, batch: dict, stage: str) -> dict[str, torch.Tensor]:
@@ -331,7 +348,24 @@ class LatentDiffusionTrainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self._update_ema()
-        return parts | {"loss": loss.detach()}
+        return parts | self.auxiliary_step(stage) | {"loss": loss.detach()}
+
+    # ------------------------------------------------------------------ hooks for variants (see training/adversarial.py)
+    def extra_diffusion_loss(
+        self, data: torch.Tensor, z0: torch.Tensor, z_t: torch.Tensor, t_host: torch.Tensor, output: torch.Tensor
+    ) -> ExtraLoss | None:
+        """Terms a variant adds to a diffusion step, from the step's image, clean and noisy latents,
+        timesteps (on the host) and denoiser output; None (the default) adds nothing."""
+        return None
+
+    def auxiliary_step(self, stage: str) -> dict[str, torch.Tensor]:
+        """A variant's own optimiser step after the model's (a discriminator's); returns its loss
+        parts (detached) for the log. Everything it changes goes into :meth:`checkpoint_state` and
+        back through :meth:`load_extra_state`, so resume stays exact."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restore what a variant added to :meth:`checkpoint_state` (called at the end of :meth:`load`)."""
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -374,9 +408,11 @@ class LatentDiffusionTrainer:
 
     # ------------------------------------------------------------------ validation
     def validate(self, stage: str, final: bool = False, num_cases: int | None = None, time_limit: float | None = None) -> dict:
-        """Periodic validation on the first ``num_cases`` (default ``validation_cases``) validation
-        cases, stopping after ``time_limit`` seconds (see ``validation_pacing``); all with ``final``."""
-        cases = self.val_cases if final else self.val_cases[: num_cases or self.config.validation_cases]
+        """Periodic validation on the first ``num_cases`` (default ``validation_cases``) held-back
+        cases (validation cases when nothing is held back: then it only draws the curve), stopping
+        after ``time_limit`` seconds (see ``validation_pacing``); with ``final``, all of the fold's
+        validation cases."""
+        cases = self.val_cases if final else self.periodic_cases[: num_cases or self.config.validation_cases]
         if not cases:
             return {}
         samples = self.config.validation_samples or self.configuration["inference"]["num_samples"]
@@ -394,7 +430,7 @@ class LatentDiffusionTrainer:
         ones use the same, fewer cases."""
         first = stage not in self.validation_pacer.cases
         self.validation_pacer.record_validation(stage, seconds, num_cases)
-        wanted = min(self.config.validation_cases, len(self.val_cases))
+        wanted = min(self.config.validation_cases, len(self.periodic_cases))
         if first and num_cases < wanted:
             self.logger.log(
                 f"periodic validation ({stage}) on {num_cases} of {wanted} cases: {seconds:.1f} s, the most that keeps it "
@@ -447,6 +483,7 @@ class LatentDiffusionTrainer:
         self.training_seconds_before = float(state.get("training_seconds", 0.0))
         self._epoch_times = {k: [float(t) for t in v] for k, v in state.get("epoch_times", {}).items()}
         self.validation_pacer.load_state_dict(state.get("validation_pacing", {}))
+        self.load_extra_state(state)
 
     def training_seconds(self) -> float:
         """Wall-clock seconds this run has trained, earlier sessions of a resumed run included."""
@@ -462,10 +499,12 @@ class LatentDiffusionTrainer:
             self._resume()
         else:
             self.logger.truncate(0)
+            if self.dist.is_main:  # an earlier run's best checkpoint must not stand in for this run's
+                (self.output_folder / "checkpoint_best.pth").unlink(missing_ok=True)
         self.dist.broadcast_module_(self.model)  # the same starting weights on every rank, whatever each built or read
         self.dist.broadcast_module_(self.ema)
         self.logger.write_json("training_config.json", {"trainer": type(self).__name__, "processes": self.dist.world_size}
-                               | self.config.to_dict())
+                               | self.config.to_dict() | {HELD_BACK_KEY: self.held_back.to_dict()})
         if self.dist.is_main:
             self._write_run_files()
         self._run_start = time.time()
@@ -480,6 +519,9 @@ class LatentDiffusionTrainer:
             f"{len(self.val_cases)} val cases, epochs {self.epoch}->{self.config.total_epochs} "
             f"({self.config.autoencoder_epochs} autoencoder + {self.config.diffusion_epochs} diffusion)"
         )
+        for line in (f"held back for choosing checkpoint_best and the temperature: {self.held_back.reason}",
+                     *self.held_back.warnings):
+            self.logger.log(line)
         self.plans_check = GpuPlansOnCpuCheck(
             self.plans, self.configuration, self.device.type, self.config.batch_size or self.configuration["batch_size"],
             self.config.iterations_per_epoch, self.config.total_epochs, self.config.stage_of(self.epoch), self.logger.log,
@@ -497,7 +539,8 @@ class LatentDiffusionTrainer:
         return self.final_validation()
 
     def final_validation(self) -> dict:
-        """All of the fold's validation cases with the best checkpoint (EMA weights).
+        """All of the fold's validation cases with the EMA weights of ``checkpoint_best`` (chosen on
+        the held-back cases), or of ``checkpoint_final`` when nothing was held back (``held_back.py``).
 
         Prediction and evaluation are exactly what users run (``latdiff_predict`` /
         ``latdiff_evaluate``): raw images in, segmentations in the original geometry out, compared
@@ -507,8 +550,8 @@ class LatentDiffusionTrainer:
             self.logger.log("fold 'all' has no validation cases: no summary.json")
             return {}
         best = self.output_folder / "checkpoint_best.pth"
-        chosen = best if best.is_file() else self.output_folder / "checkpoint_final.pth"
-        if self.config.calibrate_noise_scale:
+        chosen = best if self.held_back.active and best.is_file() else self.output_folder / "checkpoint_final.pth"
+        if self.config.calibrate_noise_scale and self.held_back.active:
             self.calibrate_noise_scale(chosen)
         start = time.time()
         raw = self.raw_dataset_folder
@@ -519,6 +562,7 @@ class LatentDiffusionTrainer:
             summary = self.validate("diffusion", final=True)
             summary["space"] = "preprocessed (raw dataset not found, so no export to the original geometry)"
         summary["checkpoint"] = chosen.name
+        summary["checkpoint_selection"] = self.held_back.checkpoint_statement(chosen.name, len(self.val_cases))
         summary["seconds"] = round(time.time() - start, 1)
         self.logger.write_json("validation/summary.json", summary)
         fg = summary["foreground_mean"]
@@ -529,12 +573,12 @@ class LatentDiffusionTrainer:
         return summary
 
     def calibrate_noise_scale(self, checkpoint: Path) -> float:
-        """Pick the sampling temperature on validation cases and store it in ``checkpoint`` (and
+        """Pick the sampling temperature on the held-back cases and store it in ``checkpoint`` (and
         the final checkpoint); see :func:`~latdiffunet.training.sampling_calibration.calibrate_noise_scale`."""
         self.ema.load_state_dict(load_checkpoint(checkpoint, self.device)["ema"])
         multi_rater = load_json(self.preprocessed_dataset_folder / "dataset.json", "dataset.json").get("num_raters", 1) > 1
         scale = calibrate_noise_scale(
-            self.ema, self.data_folder, calibration_cases(self.val_cases, self.config.validation_cases),
+            self.ema, self.data_folder, calibration_cases(list(self.held_back.cases), self.config.validation_cases),
             self.configuration, self.device,
             num_samples=max(self.config.validation_samples or self.configuration["inference"]["num_samples"], 2),
             multi_rater=multi_rater, logger=self.logger, checkpoints=[checkpoint, self.output_folder / "checkpoint_final.pth"],
@@ -629,7 +673,7 @@ class LatentDiffusionTrainer:
         metrics = {"epoch": self.epoch, "stage": stage, "lr": lr, "train_loss": losses.pop("loss")} | losses
         last_epoch_of_stage = self.epoch + 1 in (self.config.autoencoder_epochs, self.config.total_epochs)
         self.validation_pacer.record_training(time.time() - start)
-        call = self.validation_pacer.plan(self.epoch, stage, last_epoch_of_stage) if self.val_cases and self.dist.is_main else None
+        call = self.validation_pacer.plan(self.epoch, stage, last_epoch_of_stage) if self.periodic_cases and self.dist.is_main else None
         if call is not None and call.note:
             self.logger.log(call.note)
         if call is not None and call.num_cases:
@@ -641,7 +685,7 @@ class LatentDiffusionTrainer:
             metrics["val_reconstruction_dice" if stage == "autoencoder" else "val_dice"] = dice
             if "single_sample_foreground_dice" in summary:
                 metrics["val_dice_one_sample"] = summary["single_sample_foreground_dice"]
-            if stage == "diffusion" and dice > self.best_val_dice:
+            if stage == "diffusion" and dice > self.best_val_dice and self.held_back.active:
                 self.best_val_dice = dice
                 metrics["new_best"] = True
         self.dist.barrier()  # the other ranks wait for rank 0's validation here, not inside the next all-reduce

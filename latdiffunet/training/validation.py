@@ -1,4 +1,5 @@
-"""Validation on the fold's validation cases (never test data), in preprocessed space.
+"""Validation in preprocessed space: periodic on the held-back cases (``held_back.py``), final on
+the fold's validation cases when the raw dataset is absent (never test data).
 
 Stage 1 measures the autoencoder's reconstruction Dice: it caps what the whole model can reach.
 Stage 2 measures the Dice of *sampled* predictions (mean of N diffusion samples), which is what

@@ -1,7 +1,8 @@
 """When periodic validation runs, and on how many cases, so that it costs at most a set share of the time.
 
-Periodic validation samples the first validation cases with the inference sampler; it selects
-``checkpoint_best.pth`` and draws the validation curve. Its cost relative to training depends on
+Periodic validation samples the first held-back cases (``held_back.py``; the validation cases when
+nothing is held back) with the inference sampler; it selects ``checkpoint_best.pth`` and draws the
+validation curve. Its cost relative to training depends on
 the device and the plans: with GPU-sized plans on 2 CPU cores one validation of 10 cases took
 170 s, longer than a shortened epoch, while on a GPU it is a few seconds. A fixed schedule
 (every N epochs) therefore costs anything from 1 % to most of a run. The pacer keeps it under

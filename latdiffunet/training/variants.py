@@ -68,3 +68,9 @@ class LatentDiffusionTrainer_weightedDecoded(LatentDiffusionTrainer):
     """Class-weighted cross-entropy on the decoded prediction too (the first tiny Hippocampus run)."""
 
     config_overrides = {"decoded_class_weights": True}
+
+
+# cDAL's discriminator, attention-weighted decoded loss and 4-step sampling; the logic is in adversarial.py
+from latdiffunet.training.adversarial import LatentDiffusionTrainer_adversarial  # noqa: E402
+
+register(LatentDiffusionTrainer_adversarial)
