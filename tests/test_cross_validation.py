@@ -28,7 +28,8 @@ def _case(case_id: str, dice_a: float, dice_b: float) -> dict:
 def _fold_summary(cases: list[dict], selection: str = "chosen on held-back cases") -> dict:
     from latdiffunet.evaluation.metrics import summarize
 
-    return summarize(cases) | {"labels": [1, 2], "checkpoint": "checkpoint_best.pth", "checkpoint_selection": selection}
+    return summarize(cases) | {"labels": [1, 2], "checkpoint": "checkpoint_best.pth", "checkpoint_selection": selection,
+                               "selected_on_held_back": True}
 
 
 def _write_run(results: Path, configuration: str, folds: dict[int, list[dict]]) -> Path:
@@ -186,3 +187,21 @@ def test_find_best_configuration_names_the_untrained_fold_and_its_command(two_co
     assert "fold_1" in err and f"latdiff_train {DATASET} 1 -c 3d -p {PLANS} -tr {TRAINER}" in err
     assert not (results / "inference_information.json").exists()
     assert not (runs["2d"] / "crossval_results_folds_0_1").exists()  # checked before any work started
+
+
+def test_a_fold_validated_before_held_back_selection_is_not_called_untouched(two_configurations):
+    """The note may say the folds' numbers were not chosen on their cases only when every fold's
+    summary says so in its flag; legacy wording that merely mentions held-back selection must not count."""
+    results, runs = two_configurations
+    assert find_best_main(["-d", "905", "-c", "2d", "3d", "-f", "0", "1", "--disable_ensembling", "-np", "1"]) == 0
+    assert "chosen on held-back training cases" in json.loads((results / "inference_information.json").read_text())["note"]
+    legacy = runs["3d"] / "fold_1" / "validation" / "summary.json"
+    summary = json.loads(legacy.read_text())
+    del summary["selected_on_held_back"]
+    summary["checkpoint_selection"] = "validated before held-back selection existed"
+    legacy.write_text(json.dumps(summary))
+    for crossval in results.rglob("crossval_results_folds_*"):
+        import shutil
+        shutil.rmtree(crossval)
+    assert find_best_main(["-d", "905", "-c", "2d", "3d", "-f", "0", "1", "--disable_ensembling", "-np", "1"]) == 0
+    assert "chosen on held-back training cases" not in json.loads((results / "inference_information.json").read_text())["note"]

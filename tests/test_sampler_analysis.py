@@ -222,6 +222,26 @@ def test_json_is_written_atomically(analysed, tmp_path, monkeypatch):
     assert [p.name for p in out.iterdir()] == ["sampler_analysis.json"]
 
 
+def test_by_default_the_cases_held_back_for_choices_are_analysed(analysed, tmp_path):
+    """A recommendation taken from the analysis is a choice: by default it is made on the cases the
+    fold held back from training, not on the validation cases that give the reported number."""
+    held_back_case = sorted(p.name.split("_0000")[0] for p in (analysed["root"] / "raw" / DATASET / "imagesTr").iterdir()
+                            if not any(p.name.startswith(v) for v in VALIDATION_CASES))[0]
+    fold = analysed["root"] / "res" / DATASET / RUN.format("3d") / "fold_0"
+    (fold / "training_config.json").write_text(json.dumps({"held_back": {"cases": [held_back_case]}}))
+    try:
+        with module_folders(analysed["root"]):
+            for flag, expected_from, expected in (([], "held_back", [held_back_case]),
+                                                  (["--cases", "validation"], "validation", list(VALIDATION_CASES))):
+                out = tmp_path / expected_from
+                assert analysis_main(["-d", "906", "-c", "3d", "-f", "0", "-p", "latdiffPlans_tiny", "--steps", "1",
+                                      "--num-samples", "2", "--device", "cpu", "-o", str(out), *flag]) == 0
+                result = json.loads((out / "sampler_analysis.json").read_text())
+                assert (result["cases_from"], result["cases"]) == (expected_from, expected)
+    finally:
+        (fold / "training_config.json").unlink()
+
+
 def test_untrained_fold_or_trainer_names_the_missing_folder(analysed, capsys):
     with module_folders(analysed["root"]):
         code = analysis_main(["-d", "906", "-c", "3d", "-f", "1", "-p", "latdiffPlans_tiny", "--device", "cpu"])

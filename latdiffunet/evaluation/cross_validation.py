@@ -111,6 +111,8 @@ def merge_fold_summaries(summaries: dict[int, dict], run_folder: Path | None = N
             "foreground_mean_Dice": summary["foreground_mean"]["Dice"],
             "checkpoint": summary.get("checkpoint"),
             "checkpoint_selection": summary.get("checkpoint_selection", LEGACY_SELECTION),
+            # written by final validation since held-back selection exists; a missing key means it was not
+            "selected_on_held_back": bool(summary.get("selected_on_held_back", False)),
             "space": summary.get("space"),
         }
     merged = summarize(per_case)

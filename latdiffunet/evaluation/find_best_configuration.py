@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Sequence
 
 from latdiffunet.utilities.cli import friendly_errors, set_cpu_friendly_threading
+from latdiffunet.utilities.file_io import atomic_path
 
 ENSEMBLE_PREFIX = "ensemble___"
 
@@ -176,12 +177,13 @@ def find_best_configuration(
         check_trained(folder, folds)  # every configuration before the long work starts
         run_folders[identifier] = folder
 
-    all_results, sources, selection, temperatures = {}, {}, {}, {}
+    all_results, sources, selection, temperatures, untouched = {}, {}, {}, {}, []
     for identifier, folder in run_folders.items():
         summary, target = accumulate_cross_validation(folder, folds)
         temperatures[identifier] = folds_temperature(folder, folds)
         all_results[identifier], sources[identifier] = summary["foreground_mean"]["Dice"], str(target)
         selection[identifier] = sorted({f["checkpoint_selection"] for f in summary["folds"].values()})
+        untouched += [bool(f.get("selected_on_held_back")) for f in summary["folds"].values()]
         print(f"{identifier}: cross-validation mean foreground Dice {all_results[identifier]:.4f}")
     identifiers = list(run_folders)
     if allow_ensembling:
@@ -197,7 +199,7 @@ def find_best_configuration(
     best = max(all_results, key=lambda k: all_results[k])  # max keeps the first on a tie: single models come first
     chosen = ([m for m in models if model_identifier(trainer, plans, m["configuration"]) in best.split("___")]
               if best.startswith(ENSEMBLE_PREFIX) else [m for m in models if model_identifier(trainer, plans, m["configuration"]) == best])
-    held_back = all("held-back" in statement for statements in selection.values() for statement in statements)
+    held_back = bool(untouched) and all(untouched)
     how = ("each fold's checkpoint and temperature were chosen on held-back training cases, not on these" if held_back else
            "how each fold's checkpoint and temperature were chosen: see checkpoint_selection")
     info = {
@@ -217,7 +219,8 @@ def find_best_configuration(
     info["commands"], info["fold_all_commands"] = winner_commands(info)
     text = inference_instructions(info)
     write_json(info, results / "inference_information.json")
-    (results / "inference_instructions.txt").write_text(text, encoding="utf-8")
+    with atomic_path(results / "inference_instructions.txt") as tmp:
+        tmp.write_text(text, encoding="utf-8")
     print(f"\nbest: {best} ({all_results[best]:.4f})\n\n{text}\nwritten to {results / 'inference_instructions.txt'}")
     return info
 

@@ -88,7 +88,10 @@ class RobustnessConfig:
 
 
 def validation_cases(splits_file: Path, fold: int, max_cases: int | None = None) -> list[str]:
-    """The fold's validation cases (sorted), the first ``max_cases`` of them when given."""
+    """The fold's validation cases (sorted), ``max_cases`` of them spread evenly over the sorted list
+    when given (the first few would be one or two patients' slices on LIDC)."""
+    from latdiffunet.evaluation.sampler_analysis import spread_cases
+
     from latdiffunet.utilities.file_io import load_json
 
     splits = load_json(splits_file, "splits_final.json", fix="run latdiff_plan_and_preprocess for this dataset first")
@@ -101,7 +104,7 @@ def validation_cases(splits_file: Path, fold: int, max_cases: int | None = None)
     if max_cases is not None:
         if max_cases < 1:
             raise UserInputError(f"--max-cases must be at least 1, got {max_cases}")
-        cases = cases[:max_cases]
+        cases = spread_cases(cases, max_cases)
     if not cases:
         raise UserInputError(f"fold {fold} has no validation cases", path=splits_file)
     return cases
@@ -282,7 +285,7 @@ def write_report(report: dict, out: Path) -> None:
         f"# Robustness to image corruption: {report['dataset']} {report['configuration']} fold {report['fold']}",
         "",
         f"{report['num_cases']} validation case(s) of splits_final.json fold {report['fold']}"
-        + (f" (the first {report['num_cases']}, sorted)" if report.get("max_cases") else "")
+        + (f" ({report['num_cases']} spread evenly over the sorted list)" if report.get("max_cases") else "")
         + f"; corruption seed {report['seed']}; mean foreground Dice in the original geometry (latdiff_evaluate).",
         "",
     ]
@@ -482,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--levels", nargs="+", type=float, default=list(DEFAULT_LEVELS),
                    help="levels in [0, 1] (0 is always added); see latdiffunet/evaluation/corruptions.py for their meaning")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise corruption and of our sampling")
-    p.add_argument("--max-cases", type=int, default=None, help="only the first N validation cases (sorted)")
+    p.add_argument("--max-cases", type=int, default=None, help="N validation cases spread evenly over the sorted list")
     p.add_argument("--nnunet-dir", type=Path, default=None,
                    help="latdiff_benchmark's folder, its nnunet_<variant> folder or nnU-Net's model folder "
                         "(default: search $LATDIFF_RESULTS/<dataset>/benchmark_<config>_fold<k>*/)")

@@ -7,8 +7,9 @@ sampler is judged by what a user gets, on cases the model never trained on: the 
 accuracy of one sample and of the mean of the samples, the calibration of the mean probabilities
 and, where several raters annotated each image, how well the samples spread like the raters.
 
-**What is run.** The fold's validation cases (``splits_final.json``: held out of this fold's
-training; never test data), or ``--max-cases`` of them spread evenly over the sorted list, are
+**What is run.** The cases the fold held back from training to make its choices on
+(``training_config.json``; ``--cases validation``: the fold's validation cases instead, to
+measure; never test data), or ``--max-cases`` of them spread evenly over the sorted list, are
 read from the raw images and preprocessed exactly as ``latdiff_predict`` does. For each total
 step count S of ``--steps`` (the plans' own count is always added) every case is sampled with S
 DDIM steps with ``latdiff_predict``'s seed handling, so every S starts from the *same* noise, and
@@ -100,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=None, help="samples per case (default: the plans')")
     p.add_argument("--max-cases", type=int, default=None,
                    help="analyse this many validation cases, spread evenly over the sorted list (default: all)")
+    p.add_argument("--cases", choices=["held_back", "validation"], default="held_back",
+                   help="held_back (default): the cases the fold held back from training to make its choices on, so a "
+                        "recommendation taken from here leaves the validation number untouched (falls back to the "
+                        "validation cases when the run held nothing back); validation: the fold's validation cases, "
+                        "to measure rather than to choose")
     p.add_argument("--checkpoint", default=None, help="best or final (default: best when it exists, as latdiff_predict)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed, as latdiff_predict --seed (default 0)")
     p.add_argument("--device", default=None, choices=["cuda", "cpu", "mps"], help="default: cuda if available")
@@ -562,6 +568,16 @@ def _fold_folder(results_dataset: Path, trainer: str, plans: str, configuration:
     return folder
 
 
+def _held_back_cases(fold_folder: Path) -> list[str]:
+    """The cases the run held back from training (``training_config.json``), or [] if none."""
+    from latdiffunet.utilities.file_io import load_json
+
+    config = fold_folder / "training_config.json"
+    if not config.is_file():
+        return []
+    return list((load_json(config, "training_config.json").get("held_back") or {}).get("cases") or [])
+
+
 @friendly_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -601,7 +617,9 @@ def main(argv: list[str] | None = None) -> int:
                 "as latdiff_predict + latdiff_evaluate do: set LATDIFF_RAW to the folder holding the dataset",
         )
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    case_ids = spread_cases(splits[fold]["val"], args.max_cases)
+    held_back = _held_back_cases(folders[0][1]) if args.cases == "held_back" else []
+    cases_from = "held_back" if held_back else "validation"
+    case_ids = spread_cases(held_back or splits[fold]["val"], args.max_cases)
     out = Path(args.output) if args.output else folders[0][1] / "sampler_analysis"
 
     result: dict[str, Any] = {"dataset": name, "configuration": configuration, "plans": args.plans, "fold": fold}
@@ -615,7 +633,8 @@ def main(argv: list[str] | None = None) -> int:
             steps = sorted(set(args.steps) | {plans_steps})
             result.update({
                 "space": "original geometry (as latdiff_predict + latdiff_evaluate)",
-                "cases": case_ids, "num_cases": len(case_ids), "num_validation_cases": len(splits[fold]["val"]),
+                "cases_from": cases_from, "cases": case_ids, "num_cases": len(case_ids),
+                "num_validation_cases": len(splits[fold]["val"]),
                 "num_samples": num_samples, "plans_num_samples": int(inference["num_samples"]), "plans_steps": plans_steps,
                 "steps": steps, "seed": args.seed, "device": str(device),
                 "multi_rater": bool(cases and len(cases[0].raters) > 1),

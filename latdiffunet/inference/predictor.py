@@ -39,7 +39,7 @@ class PredictionSettings:
 
 
 def choose_checkpoint(fold_folder: Path, name: str | None) -> Path:
-    """``best`` (chosen on the fold's validation cases) when it exists, else ``final``."""
+    """``best`` (chosen on the cases the fold held back from training) when it exists, else ``final``."""
     if name:
         path = fold_folder / (name if name.endswith(".pth") else f"checkpoint_{name}.pth")
         if not path.is_file():

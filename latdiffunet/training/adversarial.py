@@ -15,7 +15,8 @@ step of training, for the step's noisy latent x_t and timestep t:
   sees the generated mask give itself away.
 
 The jump is s = t - T / K, with K the variant's sampling steps (4): with trailing spacing those
-are exactly the transitions a K-step sampler makes (999 -> 749 -> 499 -> 249 -> x0); s = -1 means
+are the transitions a K-step sampler makes (999 -> 749 -> 499 -> 249 -> x0; exactly when K divides
+T, else within one timestep); s = -1 means
 x0 itself, the last step, where the pair is (x0_hat, x_t) against (x0, x_t). Because the posterior
 is a fixed kernel around x0, matching the step distributions means the *distribution* of x0_hat
 given x_t must match q(x0 | x_t): the latent loss alone (a squared error) makes x0_hat the
@@ -26,7 +27,8 @@ used. The same argument holds for the deterministic DDIM sampler inference runs 
 step is an affine map of x0_hat given x_t.
 
 The discriminator and its optimiser live next to the model (not in it: prediction never needs
-them), in float32 (a tiny network: no loss scaling to get right for the R1 gradient), and go into
+them); its own step runs in float32 (a tiny network: no loss scaling to get right for the R1
+gradient), while the generator's adversarial term runs under the trainer's autocast; both go into
 every checkpoint, so ``--c`` resumes the GAN exactly. Only the trainer knows networks; the maths
 (``NoiseSchedule.posterior_sample``) stays in ``diffusion/``.
 """
@@ -131,7 +133,8 @@ class LatentDiffusionTrainer_adversarial(LatentDiffusionTrainer):
         self._pending: AdversarialBatch | None = None
 
     def _discriminator_base_lr(self) -> float:
-        return self.config.adversarial_learning_rate or self.config.learning_rate
+        lr = self.config.adversarial_learning_rate
+        return self.config.learning_rate if lr is None else lr
 
     def run(self, resume: bool = False) -> dict:
         self.output_folder.mkdir(parents=True, exist_ok=True)

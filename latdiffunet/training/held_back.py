@@ -75,18 +75,21 @@ class HeldBackSelection:
     def active(self) -> bool:
         return bool(self.cases)
 
-    def checkpoint_statement(self, checkpoint_name: str, num_validation_cases: int) -> str:
+    def checkpoint_statement(self, checkpoint_name: str, num_validation_cases: int, temperature_chosen: bool = True) -> str:
         """What the final validation's summary says about how its number was obtained."""
+        temperature = ("the sampling temperature" if temperature_chosen else None)
         if self.active and checkpoint_name == "checkpoint_best.pth":
             unit = f"{len(self.cases)} held-back training cases" + (
                 f" of {len(self.groups)} groups ({self.grouped_by})" if self.grouped_by else "")
-            return (f"checkpoint_best.pth and the sampling temperature were chosen on {unit}, never trained on "
+            what = "checkpoint_best.pth and " + temperature + " were" if temperature else "checkpoint_best.pth was"
+            return (f"{what} chosen on {unit}, never trained on "
                     f"(listed under 'held_back' in training_config.json); the {num_validation_cases} validation cases "
-                    "were used for nothing but this number")
+                    "were used for nothing but this number" + ("" if temperature else "; temperature 1 (not calibrated)"))
         if self.active:
             return (f"{checkpoint_name}: no checkpoint_best.pth was saved (no periodic validation in the diffusion stage); "
-                    f"the temperature was chosen on {len(self.cases)} held-back training cases; the validation cases were "
-                    "used for nothing but this number")
+                    + (f"the temperature was chosen on {len(self.cases)} held-back training cases" if temperature
+                       else "temperature 1 (not calibrated)")
+                    + "; the validation cases were used for nothing but this number")
         return (f"{checkpoint_name}, as nnU-Net reports, with the temperature left at the trained distribution's; "
                 f"nothing was chosen on the {num_validation_cases} validation cases (periodic validation on them only "
                 f"drew the training curve), because nothing was held back: {self.reason}")

@@ -53,7 +53,7 @@ from latdiffunet.training.losses import (
     weighted_mean,
 )
 from latdiffunet.training.budget import epochs_within_budget
-from latdiffunet.training.sampling_calibration import calibrate_noise_scale, calibration_cases
+from latdiffunet.training.sampling_calibration import calibrate_noise_scale, calibration_cases, store_noise_scale
 from latdiffunet.training.validation import evaluate_model_on_cases
 from latdiffunet.training.validation_pacing import ValidationPacer
 from latdiffunet.utilities.autocast import autocast_for, needs_grad_scaler
@@ -93,7 +93,8 @@ class LatentDiffusionTrainer:
         self.dist = distributed or DistributedContext()
         self.train_cases, self.val_cases = self._fold_cases(splits)
         # checkpoint_best and the temperature are chosen on these, never on val_cases (held_back.py)
-        self.held_back = held_back or choose_held_back(fold, self.train_cases, self.val_cases, load_case_groups(preprocessed_dataset_folder))
+        self.held_back = held_back or choose_held_back(fold, self.train_cases, self.val_cases,
+                                                       load_case_groups(preprocessed_dataset_folder, raw_dataset_folder))
         self.train_cases = [c for c in self.train_cases if c not in set(self.held_back.cases)]
         # nothing held back: periodic validation on val_cases only draws the curve, no checkpoint_best
         self.periodic_cases = list(self.held_back.cases) or self.val_cases
@@ -499,8 +500,7 @@ class LatentDiffusionTrainer:
             self._resume()
         else:
             self.logger.truncate(0)
-            if self.dist.is_main:  # an earlier run's best checkpoint must not stand in for this run's
-                (self.output_folder / "checkpoint_best.pth").unlink(missing_ok=True)
+            self._forget_earlier_choices()
         self.dist.broadcast_module_(self.model)  # the same starting weights on every rank, whatever each built or read
         self.dist.broadcast_module_(self.ema)
         self.logger.write_json("training_config.json", {"trainer": type(self).__name__, "processes": self.dist.world_size}
@@ -551,8 +551,15 @@ class LatentDiffusionTrainer:
             return {}
         best = self.output_folder / "checkpoint_best.pth"
         chosen = best if self.held_back.active and best.is_file() else self.output_folder / "checkpoint_final.pth"
-        if self.config.calibrate_noise_scale and self.held_back.active:
+        calibrated = self.config.calibrate_noise_scale and self.held_back.active
+        if calibrated:
             self.calibrate_noise_scale(chosen)
+        else:  # nothing chosen here: sample the trained distribution, whatever an older run stored
+            store_noise_scale([chosen], 1.0, self.device)
+            if self.held_back.active is False and best.is_file() and self.dist.is_main:
+                self.logger.log(f"warning: {best.name} of an earlier run (chosen on the validation cases) is still in "
+                                f"{self.output_folder}; this number is {chosen.name}'s, and latdiff_predict would use "
+                                f"{best.name}: delete it to predict with the checkpoint this number describes")
         start = time.time()
         raw = self.raw_dataset_folder
         if raw is not None and (raw / "imagesTr").is_dir() and (raw / "labelsTr").is_dir():
@@ -562,7 +569,9 @@ class LatentDiffusionTrainer:
             summary = self.validate("diffusion", final=True)
             summary["space"] = "preprocessed (raw dataset not found, so no export to the original geometry)"
         summary["checkpoint"] = chosen.name
-        summary["checkpoint_selection"] = self.held_back.checkpoint_statement(chosen.name, len(self.val_cases))
+        summary["checkpoint_selection"] = self.held_back.checkpoint_statement(chosen.name, len(self.val_cases), calibrated)
+        # machine-readable: find_best_configuration reports a CV number as untouched only when every fold says so
+        summary["selected_on_held_back"] = bool(self.held_back.active)
         summary["seconds"] = round(time.time() - start, 1)
         self.logger.write_json("validation/summary.json", summary)
         fg = summary["foreground_mean"]
@@ -616,10 +625,18 @@ class LatentDiffusionTrainer:
         write_json(self.plans, run / "plans.json")
         write_json(load_json(self.preprocessed_dataset_folder / "dataset.json", "dataset.json"), run / "dataset.json")
 
+    def _forget_earlier_choices(self) -> None:
+        """A run that starts from scratch deletes what an earlier run in this folder chose: its best
+        checkpoint and its temperature table must not stand in for this run's."""
+        if self.dist.is_main:
+            for name in ("checkpoint_best.pth", "sampling_calibration.json"):
+                (self.output_folder / name).unlink(missing_ok=True)
+
     def _resume(self) -> None:
         latest = self.output_folder / "checkpoint_latest.pth"
         if not latest.is_file():
             self.logger.log(f"--c given but no checkpoint in {self.output_folder}: starting from scratch")
+            self._forget_earlier_choices()
             return
         self.load(latest)
         self.logger.truncate(self.epoch)
