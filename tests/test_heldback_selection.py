@@ -152,7 +152,7 @@ def test_checkpoint_and_temperature_are_chosen_on_held_back_cases_only(planned, 
     plans = json.loads((pre / "latdiffPlans_tiny.json").read_text())
     splits = json.loads((pre / "splits_final.json").read_text())
     config = TrainerConfig(autoencoder_epochs=1, diffusion_epochs=2, iterations_per_epoch=1, batch_size=2, num_workers=0,
-                           validation_every=1, validation_max_time_fraction=1.0, validation_cases=4, validation_samples=2,
+                           validation_every=1, validation_max_time_fraction=1.0, validation_cases=1, validation_samples=2,
                            augment=False, sample_loss_weight=0.0)
     trainer = trainer_module.LatentDiffusionTrainer(plans, "2d", 0, pre, planned["res"] / "spy" / "fold_0", torch.device("cpu"),
                                                     config, splits)
@@ -190,6 +190,8 @@ def test_checkpoint_and_temperature_are_chosen_on_held_back_cases_only(planned, 
     stored = json.loads((trainer.output_folder / "training_config.json").read_text())[CONFIG_KEY]
     assert sorted(stored["cases"]) == sorted(held)
     assert set(json.loads((trainer.output_folder / "sampling_calibration.json").read_text())["cases"]) <= held
+    # the held-back cases exist to choose on: calibration scores all of them (up to CALIBRATION_MAX_CASES)
+    assert [cases for what, cases in events if what == "calibrate"] == [held]
 
 
 def test_too_few_training_cases_report_the_final_checkpoint(planned, loaded_cases):

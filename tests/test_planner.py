@@ -316,21 +316,23 @@ def test_small_2d_dataset_gets_whole_image_patch_and_batch_floor():
 
 
 # ------------------------------------------------------------------------------------------------
-# reference plans of the shared 2D multi-rater datasets (slow, real data)
+# reference plans of the shared 2D datasets (slow, real data)
 # ------------------------------------------------------------------------------------------------
-REFERENCE_2D = {  # dataset -> (converter, shared folder, dataset id)
-    "Dataset020_LIDCSlices": ("convert_lidc", "LIDC-IDRI-slices", "20"),
-    "Dataset030_QUBIQBrainGrowth": ("convert_qubiq", "QUBIQ-brain-growth", "30"),
+REFERENCE_2D = {  # dataset -> (converter, shared folder, dataset id, converter options)
+    "Dataset010_KvasirSEG": ("convert_polyps", "Kvasir-SEG", "10", {"dataset": "kvasir"}),
+    "Dataset011_CVCClinicDB": ("convert_polyps", "CVC-ClinicDB", "11", {"dataset": "cvc"}),
+    "Dataset020_LIDCSlices": ("convert_lidc", "LIDC-IDRI-slices", "20", {}),
+    "Dataset030_QUBIQBrainGrowth": ("convert_qubiq", "QUBIQ-brain-growth", "30", {}),
 }
 
 
 @pytest.fixture(scope="module", params=sorted(REFERENCE_2D))
 def planned_2d(request, tmp_path_factory):
     dataset = request.param
-    converter, folder, dataset_id = REFERENCE_2D[dataset]
+    converter, folder, dataset_id, options = REFERENCE_2D[dataset]
     source = shared_dataset(folder)
     with module_folders(tmp_path_factory.mktemp(dataset)) as env:
-        load_converter(converter).convert(source, env["LATDIFF_RAW"])
+        load_converter(converter).convert(source, env["LATDIFF_RAW"], **options)
         from latdiffunet.experiment_planning.cli import main
 
         # explicit target and preset: the references must not depend on whether this machine has a GPU

@@ -484,7 +484,9 @@ def plan_configuration(fingerprint: dict, preset: dict, config_name: str, plans_
         },
         "network": net,
         "diffusion": diffusion,
-        "inference": {"num_samples": preset["inference"]["num_samples"], "sampling_steps": diffusion["sampling_steps"]},
+        "inference": {"num_samples": preset["inference"]["num_samples"], "sampling_steps": diffusion["sampling_steps"],
+                      # the evidence behind the preset's steps and samples (latdiff_analyze_sampler runs)
+                      "why": preset["inference"].get("why", "the preset's default")},
         "loss": {
             "class_weights": class_weights(fingerprint, class_labels, preset["loss"]["max_class_weight"]),
             "class_weights_why": "clip(sqrt(max class frequency / class frequency), 1, %g)" % preset["loss"]["max_class_weight"],

@@ -53,7 +53,9 @@ from latdiffunet.training.losses import (
     weighted_mean,
 )
 from latdiffunet.training.budget import epochs_within_budget
-from latdiffunet.training.sampling_calibration import calibrate_noise_scale, calibration_cases, store_noise_scale
+from latdiffunet.training.sampling_calibration import (
+    CALIBRATION_MAX_CASES, calibrate_noise_scale, calibration_cases, store_noise_scale,
+)
 from latdiffunet.training.validation import evaluate_model_on_cases
 from latdiffunet.training.validation_pacing import ValidationPacer
 from latdiffunet.utilities.autocast import autocast_for, needs_grad_scaler
@@ -587,7 +589,8 @@ class LatentDiffusionTrainer:
         self.ema.load_state_dict(load_checkpoint(checkpoint, self.device)["ema"])
         multi_rater = load_json(self.preprocessed_dataset_folder / "dataset.json", "dataset.json").get("num_raters", 1) > 1
         scale = calibrate_noise_scale(
-            self.ema, self.data_folder, calibration_cases(list(self.held_back.cases), self.config.validation_cases),
+            self.ema, self.data_folder,
+            calibration_cases(list(self.held_back.cases), max(self.config.validation_cases, CALIBRATION_MAX_CASES), fraction=0.0),
             self.configuration, self.device,
             num_samples=max(self.config.validation_samples or self.configuration["inference"]["num_samples"], 2),
             multi_rater=multi_rater, logger=self.logger, checkpoints=[checkpoint, self.output_folder / "checkpoint_final.pth"],
