@@ -523,9 +523,10 @@ def write_plot(result: dict, target: Path) -> None:
         ax.set_title(f"{name} ({model['parameterization']})", fontsize=9)
         ax.legend(fontsize=7)
     dice_ax, other_ax, time_ax = axes[-3:]
-    for k, model in enumerate(models.values()):
+    for k, (trainer, model) in enumerate(models.items()):
         finals = [model["by_steps"][str(s)]["rows"][-1] for s in counts]
-        colour, p = f"C{k}", model["parameterization"]
+        variant = trainer.removeprefix("LatentDiffusionTrainer").lstrip("_") or "default"
+        colour, p = f"C{k}", f"{variant} ({model['parameterization']})"  # two trainers may share a parameterisation
         dice_ax.plot(counts, [r["Dice_of_mean"] for r in finals], "-o", color=colour, label=f"{p}: mean")
         dice_ax.plot(counts, [r["Dice_single_sample"] for r in finals], "--s", color=colour, label=f"{p}: one sample")
         if model["recommendation"]["steps"] is not None:
