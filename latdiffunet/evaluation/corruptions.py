@@ -137,46 +137,35 @@ def gaussian_blur(image: np.ndarray, level: float, spacing_zyx: Sequence[float])
     """Gaussian blur of physical width set by ``level`` (see :func:`blur_sigmas`)."""
     from scipy.ndimage import gaussian_filter
 
+    sigmas = blur_sigmas(check_level(level), spacing_zyx, _as_channels(image).shape[1:])
+    return _map_channels(image, level, lambda x: gaussian_filter(x, sigmas, mode="nearest"))
+
+
+def _map_channels(image: np.ndarray, level: float, transform) -> np.ndarray:
+    """``transform(channel as float64)`` for every channel, as float32; level 0 returns an exact copy."""
     arr = _as_channels(image)
     if check_level(level) == 0:
         return arr.copy()
-    sigmas = blur_sigmas(level, spacing_zyx, arr.shape[1:])
     out = np.empty(arr.shape, dtype=np.float32)
     for c in range(arr.shape[0]):
-        out[c] = gaussian_filter(arr[c].astype(np.float64), sigmas, mode="nearest")
+        out[c] = transform(arr[c].astype(np.float64))
     return out
 
 
 def contrast_reduction(image: np.ndarray, level: float) -> np.ndarray:
     """``m + (1 - level) (x - m)`` per channel, ``m`` its mean."""
-    arr = _as_channels(image)
-    level = check_level(level)
-    if level == 0:
-        return arr.copy()
-    out = np.empty(arr.shape, dtype=np.float32)
-    for c in range(arr.shape[0]):
-        channel = arr[c].astype(np.float64)
-        mean = channel.mean()
-        out[c] = mean + (1.0 - level) * (channel - mean)
-    return out
+    return _map_channels(image, level, lambda x: x.mean() + (1.0 - level) * (x - x.mean()))
 
 
 def gamma_contrast(image: np.ndarray, level: float) -> np.ndarray:
     """``lo + (hi - lo) u ** g`` with ``g = GAMMA_AT_LEVEL_1 ** level`` per channel (min/max kept)."""
-    arr = _as_channels(image)
-    level = check_level(level)
-    if level == 0:
-        return arr.copy()
-    gamma = GAMMA_AT_LEVEL_1**level
-    out = np.empty(arr.shape, dtype=np.float32)
-    for c in range(arr.shape[0]):
-        channel = arr[c].astype(np.float64)
-        lo, hi = channel.min(), channel.max()
-        if hi == lo:
-            out[c] = channel
-            continue
-        out[c] = lo + (hi - lo) * ((channel - lo) / (hi - lo)) ** gamma
-    return out
+    gamma = GAMMA_AT_LEVEL_1 ** check_level(level)
+
+    def transform(x: np.ndarray) -> np.ndarray:
+        lo, hi = x.min(), x.max()
+        return x if hi == lo else lo + (hi - lo) * ((x - lo) / (hi - lo)) ** gamma
+
+    return _map_channels(image, level, transform)
 
 
 def corrupt_image(
