@@ -156,19 +156,14 @@ def accumulate_cross_validation(run_folder: Path, folds: Sequence[int] = DEFAULT
 
 
 def find_run_folder(dataset: str, trainer: str, plans: str, configuration: str) -> Path:
-    """``<results>/<dataset>/<trainer>__<plans>__<configuration>``, which must exist."""
+    """``<results>/<dataset>/<trainer>__<plans>__<configuration>``, which must exist (the lookup
+    ``latdiff_predict`` uses, with ``dataset`` resolved from an ID or name)."""
     from latdiffunet import paths
-    from latdiffunet.errors import UserInputError
+    from latdiffunet.inference.cli import find_run_folder as find_trained_run
     from latdiffunet.raw_dataset import resolve_dataset_name
 
     name = resolve_dataset_name(dataset, paths.results_root(), paths.preprocessed_root(), paths.raw_root())
-    folder = paths.results_root() / name / f"{trainer}__{plans}__{configuration}"
-    if not folder.is_dir():
-        raise UserInputError(
-            f"no trained model {folder.name}", path=folder,
-            fix=f"train its folds: latdiff_train {dataset} 0 1 2 3 4 -c {configuration} -p {plans} -tr {trainer}",
-        )
-    return folder
+    return find_trained_run(paths.results_root() / name, trainer, plans, configuration)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -192,10 +192,6 @@ def run_nnunet(model: Path, fold: int, checkpoint: str, jobs: list[dict], work: 
     return load_json(timings, "nnU-Net prediction timings")["jobs"]
 
 
-def _nan_to_none(value: Any) -> Any:
-    return None if isinstance(value, float) and math.isnan(value) else value
-
-
 def _row(corruption: str, level: float, method: str, dice: float, per_class: dict[str, float], num_cases: int,
          seconds: float | None, **extra: Any) -> dict:
     return {

@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="latdiff_analyze_sampler",
         description=(
-            "Score the samples after every DDIM step for several total step counts on a fold's validation cases "
+            "Score the samples after every DDIM step for several total step counts on the cases a fold held back "
+            "(or, with --cases validation, its validation cases) "
             "(Dice of one sample and of the mean, ECE, GED with several raters, time per case) and recommend the "
             "number of steps and samples. Writes sampler_analysis.json and sampler_analysis.png."
         ),
