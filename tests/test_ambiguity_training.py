@@ -138,3 +138,54 @@ def test_sample_loss_reaches_every_sampler_step():
     assert seen[0] == 999 and weight.grad is not None and weight.grad.abs() > 0
     with torch.no_grad():
         assert not ddim_sample(denoise, NoiseSchedule.from_name("cosine", 1000), (2, 1, 4, 4), 3, "x0").requires_grad
+
+
+@pytest.mark.parametrize("whole_chain", [False, True])
+def test_whole_chain_variant_trains_every_sampler_step(tmp_path, monkeypatch, whole_chain):
+    """``-tr LatentDiffusionTrainer_wholeChain``: the sample loss builds its graph through every
+    step of the few-step chain (the default only through the last), and the first step's denoiser
+    call, which starts from pure noise, receives a gradient."""
+    from synthetic import make_synthetic_dataset
+
+    from latdiffunet.training.trainer import LatentDiffusionTrainer
+    from latdiffunet.training.variants import get_trainer_class
+
+    for key, var in (("raw", "LATDIFF_RAW"), ("pre", "LATDIFF_PREPROCESSED"), ("res", "LATDIFF_RESULTS")):
+        monkeypatch.setenv(var, str(tmp_path / key))
+    make_synthetic_dataset(tmp_path / "raw", name="Dataset906_Chain", num_cases=6, dim=2, seed=3)
+    assert plan_main(["-d", "906", "--preset", "tiny", "-np", "1"]) == 0
+    pre = tmp_path / "pre" / "Dataset906_Chain"
+    plans = json.loads((pre / "latdiffPlans_tiny.json").read_text())
+    cfg = plans["configurations"]["2d"]
+    trainer_class = get_trainer_class("LatentDiffusionTrainer_wholeChain") if whole_chain else LatentDiffusionTrainer
+    config = TrainerConfig.from_plans(cfg, **trainer_class.config_overrides).with_overrides(num_workers=0, batch_size=2)
+    assert config.sample_loss_whole_chain is whole_chain
+    trainer = trainer_class(plans, "2d", 0, pre, tmp_path / "out", torch.device("cpu"), config,
+                            json.loads((pre / "splits_final.json").read_text()))
+    with torch.no_grad():  # as after training: the zero-initialised output conv would make later steps ignore their input
+        torch.manual_seed(1)
+        trainer.model.denoiser.out[-1].weight.normal_(0, 0.05)
+    grad_enabled, first_outputs = [], []
+    plain_denoise = trainer.model.denoise
+
+    def recording_denoise(*args, **kwargs):
+        out = plain_denoise(*args, **kwargs)
+        grad_enabled.append(torch.is_grad_enabled())
+        if len(grad_enabled) == 1 and out.requires_grad:
+            out.retain_grad()
+            first_outputs.append(out)
+        return out
+
+    monkeypatch.setattr(trainer.model, "denoise", recording_denoise)
+    torch.manual_seed(0)
+    data = torch.randn(2, cfg["network"]["in_channels"], *cfg["patch_size"])
+    seg = (torch.rand(2, 1, *cfg["patch_size"]) > 0.7).long()
+    cond, detail = trainer.model.condition_and_detail(data)
+    loss, _ = trainer.sample_loss(cond, torch.nn.functional.one_hot(seg[:, 0], 2).movedim(-1, 1).float(), None, detail)
+    loss.backward()
+    steps = cfg["inference"]["sampling_steps"]
+    assert len(grad_enabled) == steps
+    if whole_chain:
+        assert all(grad_enabled) and first_outputs[0].grad is not None and first_outputs[0].grad.abs().sum() > 0
+    else:
+        assert grad_enabled == [False] * (steps - 1) + [True] and not first_outputs

@@ -330,7 +330,7 @@ class LatentDiffusionTrainer:
             denoise, self.schedule, latent_shape, steps, self.parameterization,
             eta=float(self.configuration["diffusion"].get("eta", 0.0)), device=self.device, clip_x0=self.clip_x0,
             differentiable=True,
-            grad_steps=self.config.sample_loss_grad_steps,
+            grad_steps=None if self.config.sample_loss_whole_chain else self.config.sample_loss_grad_steps,
         )
         detail_m = None if detail is None else detail[:n].repeat_interleave(m, 0)
         probs = self.model.decode_latent(z0, detail_m).float().softmax(1)

@@ -70,6 +70,17 @@ class LatentDiffusionTrainer_weightedDecoded(LatentDiffusionTrainer):
     config_overrides = {"decoded_class_weights": True}
 
 
+@register
+class LatentDiffusionTrainer_wholeChain(LatentDiffusionTrainer):
+    """The energy-score sample loss trains every step of the few-step sampler, not only the last.
+
+    The first steps from pure noise decide whether and where a sample shows an object; trained
+    through the last step only, the spread of presence cannot learn the raters' (LIDC).
+    """
+
+    config_overrides = {"sample_loss_whole_chain": True}
+
+
 # cDAL's discriminator, attention-weighted decoded loss and 4-step sampling; the logic is in adversarial.py
 from latdiffunet.training.adversarial import LatentDiffusionTrainer_adversarial  # noqa: E402
 
