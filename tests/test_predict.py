@@ -141,6 +141,32 @@ def test_same_seed_same_prediction(oblique_3d):
     assert np.abs(a - c).max() > 1e-2 and np.abs(a[0] - a[1]).max() > 1e-2
 
 
+def test_each_case_has_its_own_noise_whatever_the_order(oblique_3d, tmp_path):
+    """Two cases with the same image get different samples (the noise is seeded by case id, so a
+    1-sample prediction of a dataset is not one noise draw repeated), and a case predicted alone
+    gets exactly the samples it gets inside a folder."""
+    run = oblique_3d["res"] / "Dataset902_Oblique" / RUN.format("3d")
+    predictor = LatentDiffusionPredictor(run, ["0"], torch.device("cpu"))
+    images = oblique_3d["raw"] / "Dataset902_Oblique" / "imagesTr"
+    from latdiffunet.imageio.sitk_io import read_images_as_channels
+
+    data, geometry = read_images_as_channels([images / "synth_000_0000.nii.gz"])
+    pre, _ = predictor.preprocess(data, geometry)
+    settings = PredictionSettings(num_samples=2, steps=2, seed=7)
+    a = predictor.sample_probabilities(pre, settings, case_id="synth_000")
+    twin = predictor.sample_probabilities(pre, settings, case_id="synth_000_copy")
+    assert np.array_equal(a, predictor.sample_probabilities(pre, settings, case_id="synth_000"))
+    assert np.abs(a - twin).max() > 1e-2
+
+    saving = PredictionSettings(num_samples=2, steps=2, seed=7, save_samples=True)
+    predict_folder(images, tmp_path / "all", predictor, saving, num_processes=0)
+    predict_folder(images, tmp_path / "one", predictor, saving, num_processes=0, case_ids=["synth_003"])
+    for k in range(2):
+        together = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "all" / "synth_003_samples" / f"sample_0{k}.nii.gz")))
+        alone = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "one" / "synth_003_samples" / f"sample_0{k}.nii.gz")))
+        assert np.array_equal(together, alone)
+
+
 def test_wrong_channel_count_names_the_file(oblique_3d, tmp_path, capsys):
     bad = tmp_path / "bad_in"
     bad.mkdir()
@@ -177,11 +203,11 @@ def test_cases_sampled_before_a_crash_are_still_written(oblique_3d, tmp_path, mo
     predictor = LatentDiffusionPredictor(run, ["0"], torch.device("cpu"))
     sample, calls = predictor.sample_probabilities, []
 
-    def crash_at_third_case(data, settings):
+    def crash_at_third_case(data, settings, **kwargs):
         calls.append(len(calls))
         if len(calls) == 3:
             raise RuntimeError("crash at the third case")
-        return sample(data, settings)
+        return sample(data, settings, **kwargs)
 
     monkeypatch.setattr(predictor, "sample_probabilities", crash_at_third_case)
     out = tmp_path / "pred"

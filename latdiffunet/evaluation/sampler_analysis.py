@@ -436,7 +436,7 @@ def analyse_model(predictor, cases: list[ValidationCase], steps: Sequence[int], 
         for s in steps:
             bar.set_postfix_str(f"{case.case_id}, {_steps(s)}")
             settings = PredictionSettings(num_samples=num_samples, steps=s, seed=seed)
-            probs = predictor.sample_probabilities(pre, settings, every_step=True)  # (S, N, K, *pre)
+            probs = predictor.sample_probabilities(pre, settings, every_step=True, case_id=case.case_id)  # (S, N, K, *pre)
             for i in range(s):
                 entry, samples = score_step(probs[i], props, reference)
                 per_step[s][i].append(entry)
@@ -446,7 +446,7 @@ def analyse_model(predictor, cases: list[ValidationCase], steps: Sequence[int], 
                 per_count[s][n].append(e)
             if index < TIMING_CASES:  # latdiff_predict's sampling alone, model warm from the pass above
                 t0 = time.perf_counter()
-                plain = predictor.sample_probabilities(pre, settings)
+                plain = predictor.sample_probabilities(pre, settings, case_id=case.case_id)
                 seconds[s].append(time.perf_counter() - t0)
                 max_difference[s] = max(max_difference.get(s, 0.0), float(np.abs(plain - probs[-1]).max()))
     labels = spec.foreground_labels

@@ -7,6 +7,8 @@ samples run as one batch. Mean probabilities give the label; the spread gives th
 
 from __future__ import annotations
 
+import hashlib
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +25,15 @@ from latdiffunet.preprocessing.preprocessor import preprocess_case
 from latdiffunet.raw_dataset import parse_dataset_json
 from latdiffunet.utilities.checkpoint import load_checkpoint
 from latdiffunet.utilities.file_io import load_json
+
+
+def case_seed(seed: int, case_id: str | None) -> int:
+    """The sampling seed of one case: ``seed`` plus a stable hash of its id (not Python's
+    ``hash``, which changes between processes), below 2**62 so that ``+ 1000 * fold`` stays valid."""
+    if case_id is None:
+        return int(seed)
+    digest = int.from_bytes(hashlib.sha256(case_id.encode("utf-8")).digest()[:7], "big")
+    return int(seed) + digest
 
 
 @dataclass(frozen=True)
@@ -91,8 +102,16 @@ class LatentDiffusionPredictor:
         return pre, props
 
     @torch.no_grad()
-    def sample_probabilities(self, data: np.ndarray, settings: PredictionSettings, every_step: bool = False) -> np.ndarray:
+    def sample_probabilities(
+        self, data: np.ndarray, settings: PredictionSettings, every_step: bool = False, case_id: str | None = None
+    ) -> np.ndarray:
         """``(F * S, K, *preprocessed)`` sampled class probabilities of all folds.
+
+        The noise comes from ``case_seed(settings.seed, case_id)``: reproducible for a case whatever
+        the order or sharding of a folder, and independent between cases. (With one seed for every
+        case, sample k of every case started from the same noise, so a 1-sample prediction of a
+        dataset was one noise draw repeated: on LIDC its GED² was 1.081 where one sample averages
+        0.931.) Without ``case_id`` the seed is ``settings.seed`` itself.
 
         ``every_step=True``: ``(T, F * S, K, *preprocessed)``, the decoded x0 estimate of every
         sample after each of the ``T = settings.steps`` sampling steps (same noise, same windows);
@@ -102,7 +121,7 @@ class LatentDiffusionPredictor:
         stacks = []
         per_window = settings.steps if every_step else 1
         for i, (model, diffusion) in enumerate(zip(self.models, self.diffusions)):
-            generator = torch.Generator(device=self.device).manual_seed(settings.seed + 1000 * i)
+            generator = torch.Generator(device=self.device).manual_seed(case_seed(settings.seed, case_id) + 1000 * i)
             predictor = DiffusionWindowPredictor(
                 model, diffusion, settings.num_samples, settings.steps, generator,
                 amp=settings.amp and self.device.type == "cuda", noise_scale=settings.noise_scale, every_step=every_step,
