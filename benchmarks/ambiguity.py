@@ -13,7 +13,10 @@ evaluator (``latdiff_evaluate``) for every row:
 * ``nnU-Net (majority vote)``: with ``--nnunet-predictions``, a folder of nnU-Net segmentations of
   the same cases (trained on the majority-vote labels); one mask, used as every sample.
 
-Reported: GED² (d = 1 − IoU), HM-IoU, sample and rater diversity E d(·,·), their ratio, Dice of the
+Reported: GED² (d = 1 − IoU), HM-IoU, sample and rater diversity E d(·,·) (all pairs, as GED counts
+them), their ratio, the ratio of the distinct-pair diversities (identical pairs left out: the
+all-pairs terms shrink by (n - 1) / n, 25 % for 4 raters, 6 % for 16 samples, so this is the ratio
+that compares the two spreads), Dice of the
 mean against the consensus label, Dice of one sample, and prediction time per image. Writes
 ``ambiguity.json`` and ``ambiguity.md`` into the output folder and prints the table.
 """
@@ -28,7 +31,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-ROW_KEYS = ("GED", "HM_IoU", "sample_diversity", "rater_diversity", "diversity_ratio_of_means")
+ROW_KEYS = ("GED", "HM_IoU", "sample_diversity", "rater_diversity", "diversity_ratio_of_means", "diversity_ratio_distinct_pairs")
 
 
 def _evaluate(ref: Path, pred: Path, spec, case_ids: list[str]) -> dict:
@@ -72,7 +75,9 @@ def _constant_predictions(source: Path | None, out: Path, spec, case_ids: list[s
 
 
 def _fmt(v) -> str:
-    return "n/a" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+    if v is None or (isinstance(v, float) and v != v):  # None or NaN (one sample has no distinct pair)
+        return "n/a"
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
 def main() -> None:
@@ -134,7 +139,8 @@ def main() -> None:
         _constant_predictions(source, folder, spec, cases)
         rows.append(_row(label, _evaluate(spec.folder / "labelsTr", folder, spec, cases), None))
 
-    header = ["method", "GED²", "HM-IoU", "sample div.", "rater div.", "ratio", "Dice of mean", "Dice 1 sample", "s / image"]
+    header = ["method", "GED²", "HM-IoU", "sample div.", "rater div.", "ratio", "ratio (distinct pairs)", "Dice of mean",
+              "Dice 1 sample", "s / image"]
     keys = ["method", *ROW_KEYS, "Dice_of_mean", "Dice_single_sample", "seconds_per_image"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_fmt(r[k]) for k in keys) + " |" for r in rows]

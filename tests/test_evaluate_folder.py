@@ -206,6 +206,8 @@ def test_multi_rater_samples_identical_to_raters(tmp_path):
         "sample_diversity": pytest.approx(D_R0_R1 / 2), "rater_diversity": pytest.approx(D_R0_R1 / 2),
         "diversity_ratio": pytest.approx(1.0), "diversity_ratio_of_means": pytest.approx(1.0),
         "frequency_map_L1": 0.0, "frequency_map_soft_dice": pytest.approx(1.0),
+        "sample_diversity_distinct_pairs": pytest.approx(D_R0_R1), "rater_diversity_distinct_pairs": pytest.approx(D_R0_R1),
+        "diversity_ratio_distinct_pairs": pytest.approx(1.0),
     }
     assert set(summary["ambiguity_num_cases"].values()) == {1}
     # single-sample Dice against the reference r0 | r1 (34 voxels): r1 2*24/58, r0 2*18/52; the pair 2*8/42

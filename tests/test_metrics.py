@@ -358,6 +358,21 @@ def test_diversities_are_the_terms_of_ged():
         energy_distance_terms(MA[None], np.zeros((1, 3, 4)))
 
 
+def test_distinct_pair_diversities_compare_sets_of_different_sizes():
+    """Samples and raters drawn from the same distribution of masks spread alike: averaged over
+    many draws, the ratio of the distinct-pair diversities is 1 for 16 samples against 4 raters,
+    while the all-pairs ratio is (15/16) / (3/4) = 1.25."""
+    rng = np.random.default_rng(0)
+    masks = np.stack([MA, MB])
+    terms = [energy_distance_terms(masks[rng.integers(0, 2, 16)], masks[rng.integers(0, 2, 4)]) for _ in range(3000)]
+    mean = {k: np.mean([t[k] for t in terms]) for k in terms[0]}
+    assert mean["sample_diversity_distinct_pairs"] / mean["rater_diversity_distinct_pairs"] == pytest.approx(1.0, abs=0.03)
+    assert mean["sample_diversity"] / mean["rater_diversity"] == pytest.approx(1.25, abs=0.04)
+    t = energy_distance_terms(masks[[0, 1, 0, 1]], masks[[0, 1, 0, 1]])
+    assert t["rater_diversity_distinct_pairs"] == pytest.approx(D_AB * 8 / 12)  # 8 of the 12 distinct pairs differ
+    assert math.isnan(energy_distance_terms(MA[None], masks)["sample_diversity_distinct_pairs"])  # one sample: no pair
+
+
 def test_frequency_map_agreement_by_hand():
     # samples {A, A}, raters {A, B}; union = rows 0-1, cols 0-2 (6 voxels)
     # p (samples): col0 1, col1 1, col2 0;  q (raters): col0 0.5, col1 1, col2 0.5

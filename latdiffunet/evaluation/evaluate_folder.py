@@ -18,7 +18,9 @@ measured, per case:
   ``foreground_mean`` always score ``CASE<ending>``, the label of the *mean* prediction.
 * the samples together with several rater annotations: generalised energy distance and
   Hungarian-matched IoU of samples vs raters (``GED`` / ``HM_IoU``), the two diversity terms of
-  GED and their ratio (``sample_diversity`` / ``rater_diversity`` / ``diversity_ratio``), and the
+  GED and their ratio (``sample_diversity`` / ``rater_diversity`` / ``diversity_ratio``; the
+  ``*_distinct_pairs`` diversities leave out the identical pairs, which shrink the all-pairs terms by
+  (n - 1) / n, so they are the ones to compare between 16 samples and 4 raters), and the
   agreement of the samples' foreground frequency with the raters'
   (``frequency_map_L1`` / ``frequency_map_soft_dice``). Foreground is any label > 0 here, see
   :mod:`~latdiffunet.evaluation.ambiguity`.
@@ -73,6 +75,7 @@ AUXILIARY_SUFFIXES = ("_entropy", "_mutual_information", "_agreement", "_probabi
 CALIBRATION_METRICS = ("ECE_all", "ECE_roi", "uncertainty_error_AUROC", "mi_error_AUROC")
 AMBIGUITY_METRICS = (
     "GED", "HM_IoU", "sample_diversity", "rater_diversity", "diversity_ratio", "frequency_map_L1", "frequency_map_soft_dice",
+    "sample_diversity_distinct_pairs", "rater_diversity_distinct_pairs",
 )
 SAMPLE_METRICS = ("Dice_single_sample", "Dice_pairwise_samples")
 #: ``float16`` storage of probabilities rounds each class by up to ~5e-4; renormalise within this.
@@ -282,6 +285,8 @@ def _evaluate_one(job: _CaseJob) -> dict[str, Any]:
                 "sample_diversity": terms["sample_diversity"],
                 "rater_diversity": terms["rater_diversity"],
                 "diversity_ratio": terms["diversity_ratio"],
+                "sample_diversity_distinct_pairs": terms["sample_diversity_distinct_pairs"],
+                "rater_diversity_distinct_pairs": terms["rater_diversity_distinct_pairs"],
                 **frequency_map_agreement(samples, raters),
                 "num_samples": len(sample_files),
                 "num_raters": len(job.rater_files),
@@ -497,8 +502,12 @@ def evaluate_folder(
     if means:
         # a ratio of means: cases where the raters (nearly) agree cannot blow it up
         ratio = means["sample_diversity"] / means["rater_diversity"] if means["rater_diversity"] > 0 else float("nan")
-        summary["ambiguity"] = {**means, "diversity_ratio_of_means": ratio}
-        summary["ambiguity_num_cases"] = {**counts, "diversity_ratio_of_means": counts["rater_diversity"]}
+        # the same ratio from the distinct-pair terms: the one to read when samples and raters differ in number
+        distinct = means.get("sample_diversity_distinct_pairs", float("nan"))
+        distinct_ratio = distinct / means["rater_diversity_distinct_pairs"] if means["rater_diversity_distinct_pairs"] > 0 else float("nan")
+        summary["ambiguity"] = {**means, "diversity_ratio_of_means": ratio, "diversity_ratio_distinct_pairs": distinct_ratio}
+        summary["ambiguity_num_cases"] = {**counts, "diversity_ratio_of_means": counts["rater_diversity"],
+                                          "diversity_ratio_distinct_pairs": counts["rater_diversity"]}
     samples = _samples_summary(per_case, labels)
     if samples is not None:
         summary["samples"] = samples
