@@ -315,6 +315,41 @@ def test_small_2d_dataset_gets_whole_image_patch_and_batch_floor():
     assert small["batch_size"] <= max(small["patch_and_batch_why"]["batch_by_memory"], preset["batch_size"]["min"])
 
 
+def _large_object_cases(size: int, n=16, shape=(1, 256, 256)) -> list[np.ndarray]:
+    maps = []
+    for _ in range(n):
+        seg = np.zeros(shape, np.uint8)
+        _square(seg, 60, 60, size, 1)
+        _square(seg, 10, 200, 6, 2)
+        maps.append(seg)
+    return maps
+
+
+def test_2d_patch_that_cannot_see_its_objects_gets_coarser_spacing():
+    """Objects of 110 px in 256 x 256 images, a voxel cap of 128 x 128: the in-plane spacing is
+    coarsened until the patch spans two median objects (the image at most), and the plans say why.
+    Small objects, or images the patch already covers, keep their spacing; so does 3d."""
+    preset = load_preset("tiny")
+    big = _fingerprint_2d(_large_object_cases(110), n=16, shape=(1, 256, 256))
+    cfg = plan_experiment(big, preset)["configurations"]["2d"]
+    factor = cfg["context"]["factor"]
+    patch_mm = np.asarray(cfg["patch_size"]) * np.asarray(cfg["spacing"][1:])
+    assert 1.5 < factor <= 256 / 128 and cfg["spacing"][1:] == [pytest.approx(factor)] * 2
+    assert patch_mm.min() >= 2 * 110 * 0.95 or patch_mm.min() >= 256 * 0.95
+    assert "x%g" % factor in cfg["spacing_why"] and cfg["median_image_size_in_voxels"][0] < 256
+
+    small = plan_experiment(_fingerprint_2d(_large_object_cases(30), n=16, shape=(1, 256, 256)), preset)
+    assert small["configurations"]["2d"]["context"]["factor"] == 1.0
+    assert small["configurations"]["2d"]["spacing"][1:] == [1.0, 1.0]
+    covered = plan_experiment(_fingerprint_2d(_speckled_cases()), preset)["configurations"]["2d"]
+    assert covered["context"]["factor"] == 1.0 and covered["spacing"][1:] == [1.0, 1.0]
+
+    volume = fingerprint(spacing=(1.0, 1.0, 1.0), shape=(64, 256, 256))
+    volume["object_sizes_per_class"] = _summaries([m[[0] * 64] for m in _large_object_cases(110, n=2)], spacing=(1.0, 1.0, 1.0))
+    planned = plan_experiment(volume, preset, ["3d"])["configurations"]["3d"]
+    assert planned["spacing"] == [1.0, 1.0, 1.0] and "context" not in planned
+
+
 # ------------------------------------------------------------------------------------------------
 # reference plans of the shared 2D datasets (slow, real data)
 # ------------------------------------------------------------------------------------------------
