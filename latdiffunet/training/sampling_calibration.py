@@ -101,8 +101,10 @@ def unbiased_ged(terms: dict[str, float], num_samples: int, num_annotations: int
     the M (M - 1) distinct pairs they are M / (M - 1) times larger. A single annotation has no
     distinct pair: its diversity term is 0 either way.
     """
-    def distinct(value: float, n: int) -> float:
-        return value * n / (n - 1) if n > 1 else value
+    from latdiffunet.evaluation.ambiguity import distinct_pair_diversity
+
+    def distinct(value: float, n: int) -> float:  # one annotation: no distinct pair, its term stays 0
+        return distinct_pair_diversity(value, n) if n > 1 else value
 
     diversity = distinct(terms["sample_diversity"], num_samples)
     return 2.0 * terms["cross_distance"] - diversity - distinct(terms["rater_diversity"], num_annotations), diversity
