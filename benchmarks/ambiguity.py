@@ -94,6 +94,7 @@ def main() -> None:
     p.add_argument("--max-cases", type=int, default=None, help="first N validation cases (sorted), for a quick look")
     p.add_argument("--nnunet-predictions", default=None, help="folder of nnU-Net segmentations of the validation cases")
     p.add_argument("-o", "--output", default=None, help="default: <run folder>/ambiguity_fold<k>")
+    p.add_argument("--disable-tta", action="store_true", help="no test-time mirroring (latdiff_predict --disable_tta)")
     args = p.parse_args()
 
     import torch
@@ -125,7 +126,8 @@ def main() -> None:
     for n, scale in runs:
         tag = "calibrated" if scale is None else f"scale {scale:g}"
         folder = out / f"latdiffunet_{n}_samples_{tag.replace(' ', '')}"
-        settings = PredictionSettings(num_samples=n, steps=steps, seed=0, save_samples=True, noise_scale=scale)
+        settings = PredictionSettings(num_samples=n, steps=steps, seed=0, save_samples=True, noise_scale=scale,
+                                      mirror=False if args.disable_tta else None)
         start = time.time()
         predict_folder(images, folder, predictor, settings, overwrite=True, num_processes=2, case_ids=cases)
         seconds = (time.time() - start) / len(cases)
@@ -145,7 +147,8 @@ def main() -> None:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_fmt(r[k]) for k in keys) + " |" for r in rows]
     table = "\n".join(lines)
-    write_json({"dataset": name, "fold": args.fold, "cases": len(cases), "steps": steps, "run": str(run), "rows": rows},
+    write_json({"dataset": name, "fold": args.fold, "cases": len(cases), "steps": steps, "run": str(run),
+                "test_time_mirroring": not args.disable_tta, "rows": rows},
                out / "ambiguity.json")
     (out / "ambiguity.md").write_text(f"{name}, fold {args.fold}, {len(cases)} validation cases\n\n{table}\n")
     print(table)

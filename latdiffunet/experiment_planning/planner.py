@@ -137,6 +137,12 @@ def choose_preset(
     return chosen, why
 
 
+MIRRORING_WHY = (
+    "training mirrors every axis of a patch, so sample k is drawn on the image mirrored by the k-th combination of axes "
+    "(sample 0 on the image itself) and mirrored back: nnU-Net's test-time mirroring at no extra samples"
+)
+
+
 REQUIRED_CONFIGURATION_KEYS = (
     "data_identifier", "dimension", "spacing", "patch_size", "normalization", "resampling", "network", "diffusion", "inference",
 )
@@ -542,7 +548,9 @@ def plan_configuration(fingerprint: dict, preset: dict, config_name: str, plans_
         "diffusion": diffusion,
         "inference": {"num_samples": preset["inference"]["num_samples"], "sampling_steps": diffusion["sampling_steps"],
                       # the evidence behind the preset's steps and samples (latdiff_analyze_sampler runs)
-                      "why": preset["inference"].get("why", "the preset's default")},
+                      "why": preset["inference"].get("why", "the preset's default"),
+                      "test_time_mirroring": bool(preset["inference"].get("test_time_mirroring", True)),
+                      "test_time_mirroring_why": preset["inference"].get("test_time_mirroring_why", MIRRORING_WHY)},
         "loss": {
             "class_weights": class_weights(fingerprint, class_labels, preset["loss"]["max_class_weight"]),
             "class_weights_why": "clip(sqrt(max class frequency / class frequency), 1, %g)" % preset["loss"]["max_class_weight"],

@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise_scale", type=float, default=None,
                    help="sampling temperature: scale of the starting noise (default: the value calibrated at the end of "
                         "training, see sampling_calibration.json; 0 = every sample the same, 1 = the trained distribution)")
+    p.add_argument("--disable_tta", action="store_true",
+                   help="no test-time mirroring (by default sample k is drawn on the image mirrored by the k-th "
+                        "combination of axes and mirrored back, as the plans' inference.test_time_mirroring says)")
     p.add_argument("--save_montage", action="store_true",
                    help="also write CASE_montage.png: image, raters when known, mean, entropy and up to 8 samples")
     p.add_argument("--device", default=None, choices=["cuda", "cpu", "mps"], help="default: cuda if available")
@@ -81,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = PredictionSettings(
         num_samples=args.num_samples or inference["num_samples"], steps=args.steps or inference["sampling_steps"],
         seed=args.seed, save_samples=args.save_samples, save_probabilities=args.save_probabilities,
-        save_montage=args.save_montage, noise_scale=args.noise_scale,
+        save_montage=args.save_montage, noise_scale=args.noise_scale, mirror=False if args.disable_tta else None,
     )
     done = predict_folder(
         Path(args.input), Path(args.output), predictor, settings, args.num_parts, args.part_id, args.overwrite, args.num_processes

@@ -13,10 +13,21 @@ The 2d configuration applied to a 3D volume uses one 2D noise field for all slic
 (the noise is constant along z), so neighbouring slices, whose images differ little, are asked
 the same question and answer alike: a sample is a stack of consistent slices, not of unrelated
 2D draws.
+
+**Test-time mirroring as samples** (``mirror=True``). Training mirrors every spatial axis of a
+patch (``training/augmentation.py``), so the model is as right on a mirrored image as on the
+original. nnU-Net averages its softmax over all mirrorings; here sample ``s`` is drawn on the
+image mirrored by the ``s mod M``-th of the ``M = 2^dim`` combinations of axes (sample 0 on the
+image itself) and mirrored back, so mirroring costs one extra image-encoder pass per combination,
+not extra samples. A sample stays one hypothesis for the whole case: its noise field is cropped in
+the case's own coordinates and mirrored with the window, so overlapping windows of that sample
+still see the same noise at the same place, and its mirroring is the same in every window and
+slice.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -68,6 +79,32 @@ class CaseNoise:
         return torch.cat(crops, 0)
 
 
+def mirroring_enabled(configuration: dict) -> bool:
+    """Whether the plans' configuration samples on mirrored images (``inference.test_time_mirroring``;
+    on when absent, as nnU-Net mirrors unless told not to)."""
+    return bool(configuration.get("inference", {}).get("test_time_mirroring", True))
+
+
+def mirror_combinations(dim: int) -> list[tuple[int, ...]]:
+    """All subsets of the ``dim`` spatial axes, the empty one (no mirroring) first, fewest axes first."""
+    return [c for k in range(dim + 1) for c in itertools.combinations(range(dim), k)]
+
+
+def _mirror_per_sample(x: torch.Tensor, combos: list[tuple[int, ...]], num_samples: int) -> torch.Tensor:
+    """Mirror ``(B * S, C, *spatial)`` window-major entries: sample ``s`` along ``combos[s % M]``.
+    Mirroring is its own inverse, so the same call maps back."""
+    b = x.shape[0] // num_samples
+    view = x.reshape(b, num_samples, *x.shape[1:])
+    out = view.clone()
+    for i, axes in enumerate(combos):
+        if not axes:
+            continue
+        chosen = list(range(i, num_samples, len(combos)))
+        if chosen:
+            out[:, chosen] = view[:, chosen].flip([3 + a for a in axes])
+    return out.reshape(x.shape)
+
+
 class DiffusionWindowPredictor:
     """``(B, C, *P)`` images at window starts -> ``(B, S, K, *P)`` class probabilities of S samples.
 
@@ -79,12 +116,16 @@ class DiffusionWindowPredictor:
     step ``i``; the last ``S`` entries are exactly what ``every_step=False`` returns): the sliding
     window stitches them like samples, and a caller reshapes the result to ``(T, S, K, ...)``. Each
     step's probabilities go to host memory at once, so the device holds no more than usual.
+
+    ``mirror=True``: test-time mirroring as samples (module docstring); with one sample it changes
+    nothing.
     """
 
     def __init__(self, model: torch.nn.Module, diffusion: dict, num_samples: int, num_steps: int,
                  generator: torch.Generator | None = None, eta: float | None = None, amp: bool = False,
-                 noise_scale: float | None = None, every_step: bool = False):
+                 noise_scale: float | None = None, every_step: bool = False, mirror: bool = False):
         self.model = model
+        self.mirror = mirror
         self.every_step = every_step
         # Scale of the starting noise and random latent (sampling temperature), calibrated on the
         # fold's validation cases at the end of training (see training/validation.py).
@@ -111,10 +152,8 @@ class DiffusionWindowPredictor:
 
     def __call__(self, images: torch.Tensor, starts: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
         b, s = images.shape[0], self.num_samples
-        with autocast_for(images.device, self.amp):
-            cond, detail = self.model.condition_and_detail(images)
-            cond = cond.repeat_interleave(s, 0)
-            detail = None if detail is None else detail.repeat_interleave(s, 0)  # the refinement head's input
+        combos = mirror_combinations(images.ndim - 2)[:s] if self.mirror else [()]
+        cond, detail = self._condition(images, combos)
         latent_shape = tuple(cond.shape[2:])
         if self.noise is not None and starts is not None:
             x_T = self.noise.crop(starts, latent_shape).to(images.device)
@@ -123,6 +162,8 @@ class DiffusionWindowPredictor:
             fresh = CaseNoise.draw(b * s, self.latent_channels, latent_shape, (1,) * len(latent_shape), self.random_dim,
                                    self.generator, images.device, self.noise_scale)
             x_T, random_latent = fresh.x_T, fresh.random_latent
+        if len(combos) > 1:  # the noise of a mirrored sample is mirrored with its window (module docstring)
+            x_T = _mirror_per_sample(x_T, combos, s)
 
         def denoise(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             with autocast_for(images.device, self.amp):
@@ -130,7 +171,8 @@ class DiffusionWindowPredictor:
 
         def decode(z: torch.Tensor) -> torch.Tensor:
             with autocast_for(images.device, self.amp):
-                return self.model.decode_latent(z, detail).float().softmax(1)
+                probs = self.model.decode_latent(z, detail).float().softmax(1)
+            return _mirror_per_sample(probs, combos, s) if len(combos) > 1 else probs
 
         steps: list[torch.Tensor] = []
 
@@ -147,6 +189,25 @@ class DiffusionWindowPredictor:
             return per_step.flatten(1, 2)
         probs = decode(z0)
         return probs.view(b, s, *probs.shape[1:])
+
+    def _condition(self, images: torch.Tensor, combos: list[tuple[int, ...]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Image features of every sample, window-major ``(B * S, ...)``: sample ``s`` gets those of
+        its window mirrored along ``combos[s % M]`` (one encoder pass per combination)."""
+        b, s = images.shape[0], self.num_samples
+        per_combo = []
+        with autocast_for(images.device, self.amp):
+            for axes in combos:
+                flipped = images.flip([2 + a for a in axes]) if axes else images
+                per_combo.append(self.model.condition_and_detail(flipped))
+        index = torch.tensor([k % len(combos) for k in range(s)], device=images.device)
+
+        def gather(features: list[torch.Tensor]) -> torch.Tensor:  # (M, B, ...) -> (B * S, ...)
+            stacked = torch.stack(features, 1)  # (B, M, ...)
+            return stacked.index_select(1, index).flatten(0, 1)
+
+        cond = gather([c for c, _ in per_combo])
+        detail = None if per_combo[0][1] is None else gather([d for _, d in per_combo])  # the refinement head's input
+        return cond, detail
 
 
 def reconstruction_window_predictor(model: torch.nn.Module):

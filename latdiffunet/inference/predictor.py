@@ -18,7 +18,7 @@ import torch
 from latdiffunet.errors import UserInputError
 from latdiffunet.experiment_planning.planner import load_plans
 from latdiffunet.imageio.sitk_io import ImageGeometry
-from latdiffunet.inference.latent_sampling import DiffusionWindowPredictor
+from latdiffunet.inference.latent_sampling import DiffusionWindowPredictor, mirroring_enabled
 from latdiffunet.inference.sliding_window import sliding_window_predict
 from latdiffunet.networks import build_model
 from latdiffunet.preprocessing.preprocessor import preprocess_case
@@ -45,6 +45,7 @@ class PredictionSettings:
     save_probabilities: bool = False
     save_montage: bool = False  # CASE_montage.png: image, raters when known, mean, entropy, samples
     noise_scale: float | None = None  # sampling temperature; None: each fold's calibrated value
+    mirror: bool | None = None  # test-time mirroring as samples; None: the plans' inference.test_time_mirroring
     windows_per_batch: int = 8
     amp: bool = True
 
@@ -120,11 +121,13 @@ class LatentDiffusionPredictor:
         """
         stacks = []
         per_window = settings.steps if every_step else 1
+        mirror = mirroring_enabled(self.configuration) if settings.mirror is None else settings.mirror
         for i, (model, diffusion) in enumerate(zip(self.models, self.diffusions)):
             generator = torch.Generator(device=self.device).manual_seed(case_seed(settings.seed, case_id) + 1000 * i)
             predictor = DiffusionWindowPredictor(
                 model, diffusion, settings.num_samples, settings.steps, generator,
                 amp=settings.amp and self.device.type == "cuda", noise_scale=settings.noise_scale, every_step=every_step,
+                mirror=mirror,
             )
             probs = sliding_window_predict(
                 data, self.configuration["patch_size"], predictor, per_window * settings.num_samples, self.num_classes,
