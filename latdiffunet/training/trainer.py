@@ -120,6 +120,7 @@ class LatentDiffusionTrainer:
         self.optimizer: torch.optim.Optimizer | None = None
         self.optimizer_stage: str | None = None
         self.epoch = 0
+        self._step_in_epoch = 0  # the training step within the epoch (sample_loss_every counts it)
         self.ema_updates = 0
         self.best_val_dice = -math.inf
         self.logger = TrainingLogger(output_folder, active=self.dist.is_main)
@@ -281,9 +282,10 @@ class LatentDiffusionTrainer:
             loss = loss + self.config.decoded_supervision_weight * decoded_loss
             parts |= seg_parts | {"decoded_loss": decoded_loss.detach()}
 
-        if self.config.sample_loss_weight > 0 and self._sample_loss_active():
+        every = max(1, int(self.config.sample_loss_every))
+        if self.config.sample_loss_weight > 0 and self._sample_loss_active() and self._step_in_epoch % every == 0:
             sample_loss, sample_parts = self.sample_loss(cond, target_onehot, valid, detail)
-            loss = loss + self.config.sample_loss_weight * sample_loss
+            loss = loss + self.config.sample_loss_weight * every * sample_loss
             parts |= sample_parts | {"sample_loss": sample_loss.detach()}
         return loss, parts
 
@@ -656,18 +658,21 @@ class LatentDiffusionTrainer:
         """
         n = self.config.iterations_per_epoch
         sums: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}  # a part some steps skip (sample_loss_every) is averaged over the steps that had it
         bar = tqdm(range(n), desc=f"epoch {self.epoch} ({stage})", leave=False, dynamic_ncols=True, disable=not self.dist.is_main)
         for i in bar:
+            self._step_in_epoch = i
             parts = self.train_step(next(self.batch_stream()), stage)
             if self.plans_check is not None:
                 self.plans_check.iteration_done(i, start)
             for k, v in parts.items():
                 sums[k] = sums[k] + v if k in sums else v
+                counts[k] = counts.get(k, 0) + 1
             if self.dist.is_main and (i + 1) % self.config.loss_readout_every == 0:
                 bar.set_postfix(loss=f"{float(sums['loss']) / (i + 1):.4f}")
         bar.close()
         keys = sorted(sums)
-        means = self.dist.mean_over_ranks(torch.stack([sums[k].float() for k in keys]) / n)
+        means = self.dist.mean_over_ranks(torch.stack([sums[k].float() / counts[k] for k in keys]))
         return dict(zip(keys, means.tolist()))
 
     def _run_epoch(self) -> None:

@@ -81,6 +81,14 @@ class LatentDiffusionTrainer_wholeChain(LatentDiffusionTrainer):
     config_overrides = {"sample_loss_whole_chain": True}
 
 
+@register
+class LatentDiffusionTrainer_sampleLossEvery2(LatentDiffusionTrainer):
+    """The energy-score sample loss on every other step, weighted twice: the same expected
+    gradient for about half its cost, so a fixed budget buys more epochs."""
+
+    config_overrides = {"sample_loss_every": 2}
+
+
 # cDAL's discriminator, attention-weighted decoded loss and 4-step sampling; the logic is in adversarial.py
 from latdiffunet.training.adversarial import LatentDiffusionTrainer_adversarial  # noqa: E402
 
