@@ -140,11 +140,10 @@ def test_sample_loss_reaches_every_sampler_step():
         assert not ddim_sample(denoise, NoiseSchedule.from_name("cosine", 1000), (2, 1, 4, 4), 3, "x0").requires_grad
 
 
-@pytest.mark.parametrize("whole_chain", [False, True])
-def test_whole_chain_variant_trains_every_sampler_step(tmp_path, monkeypatch, whole_chain):
-    """``-tr LatentDiffusionTrainer_wholeChain``: the sample loss builds its graph through every
-    step of the few-step chain (the default only through the last), and the first step's denoiser
-    call, which starts from pure noise, receives a gradient."""
+def _synthetic_trainer(tmp_path, monkeypatch, dataset_id: int, trainer_name: str | None, **overrides):
+    """A trainer of ``trainer_name`` (None: the default) on a fresh 6-case synthetic 2D dataset
+    planned with the tiny preset; ``overrides`` go on top of the variant's config. Returns
+    (trainer, its config, the 2d configuration of the plans)."""
     from synthetic import make_synthetic_dataset
 
     from latdiffunet.training.trainer import LatentDiffusionTrainer
@@ -152,16 +151,27 @@ def test_whole_chain_variant_trains_every_sampler_step(tmp_path, monkeypatch, wh
 
     for key, var in (("raw", "LATDIFF_RAW"), ("pre", "LATDIFF_PREPROCESSED"), ("res", "LATDIFF_RESULTS")):
         monkeypatch.setenv(var, str(tmp_path / key))
-    make_synthetic_dataset(tmp_path / "raw", name="Dataset906_Chain", num_cases=6, dim=2, seed=3)
-    assert plan_main(["-d", "906", "--preset", "tiny", "-np", "1"]) == 0
-    pre = tmp_path / "pre" / "Dataset906_Chain"
+    name = f"Dataset{dataset_id:03d}_Synthetic"
+    make_synthetic_dataset(tmp_path / "raw", name=name, num_cases=6, dim=2, seed=dataset_id)
+    assert plan_main(["-d", str(dataset_id), "--preset", "tiny", "-np", "1"]) == 0
+    pre = tmp_path / "pre" / name
     plans = json.loads((pre / "latdiffPlans_tiny.json").read_text())
     cfg = plans["configurations"]["2d"]
-    trainer_class = get_trainer_class("LatentDiffusionTrainer_wholeChain") if whole_chain else LatentDiffusionTrainer
-    config = TrainerConfig.from_plans(cfg, **trainer_class.config_overrides).with_overrides(num_workers=0, batch_size=2)
-    assert config.sample_loss_whole_chain is whole_chain
+    trainer_class = get_trainer_class(trainer_name) if trainer_name else LatentDiffusionTrainer
+    config = TrainerConfig.from_plans(cfg, **trainer_class.config_overrides).with_overrides(
+        num_workers=0, batch_size=2, **overrides)
     trainer = trainer_class(plans, "2d", 0, pre, tmp_path / "out", torch.device("cpu"), config,
                             json.loads((pre / "splits_final.json").read_text()))
+    return trainer, config, cfg
+
+
+@pytest.mark.parametrize("whole_chain", [False, True])
+def test_whole_chain_variant_trains_every_sampler_step(tmp_path, monkeypatch, whole_chain):
+    """``-tr LatentDiffusionTrainer_wholeChain``: the sample loss builds its graph through every
+    step of the few-step chain (the default only through the last), and the first step's denoiser
+    call, which starts from pure noise, receives a gradient."""
+    trainer, config, cfg = _synthetic_trainer(tmp_path, monkeypatch, 906, "LatentDiffusionTrainer_wholeChain" if whole_chain else None)
+    assert config.sample_loss_whole_chain is whole_chain
     with torch.no_grad():  # as after training: the zero-initialised output conv would make later steps ignore their input
         torch.manual_seed(1)
         trainer.model.denoiser.out[-1].weight.normal_(0, 0.05)
@@ -194,24 +204,10 @@ def test_whole_chain_variant_trains_every_sampler_step(tmp_path, monkeypatch, wh
 def test_sample_loss_every_k_steps_runs_on_those_steps_weighted_k_times(tmp_path, monkeypatch):
     """``sample_loss_every = 2`` (``-tr LatentDiffusionTrainer_sampleLossEvery2``): the sampler runs on
     steps 0, 2, 4, ... of an epoch only, and its loss counts twice there, so the expected gradient
-    is that of every step; the epoch's logged sample loss averages the steps that had it."""
-    from synthetic import make_synthetic_dataset
-
-    from latdiffunet.training.variants import get_trainer_class
-
-    for key, var in (("raw", "LATDIFF_RAW"), ("pre", "LATDIFF_PREPROCESSED"), ("res", "LATDIFF_RESULTS")):
-        monkeypatch.setenv(var, str(tmp_path / key))
-    make_synthetic_dataset(tmp_path / "raw", name="Dataset907_Every", num_cases=6, dim=2, seed=4)
-    assert plan_main(["-d", "907", "--preset", "tiny", "-np", "1"]) == 0
-    pre = tmp_path / "pre" / "Dataset907_Every"
-    plans = json.loads((pre / "latdiffPlans_tiny.json").read_text())
-    cfg = plans["configurations"]["2d"]
-    trainer_class = get_trainer_class("LatentDiffusionTrainer_sampleLossEvery2")
-    config = TrainerConfig.from_plans(cfg, **trainer_class.config_overrides).with_overrides(
-        num_workers=0, batch_size=2, sample_loss_start=0.0, autoencoder_epochs=0, iterations_per_epoch=4)
+    is that of every step (the epoch log averages a part over the steps that had it)."""
+    trainer, config, cfg = _synthetic_trainer(tmp_path, monkeypatch, 907, "LatentDiffusionTrainer_sampleLossEvery2",
+                                              sample_loss_start=0.0, autoencoder_epochs=0, iterations_per_epoch=4)
     assert config.sample_loss_every == 2
-    trainer = trainer_class(plans, "2d", 0, pre, tmp_path / "out", torch.device("cpu"), config,
-                            json.loads((pre / "splits_final.json").read_text()))
     calls = []
 
     def fixed_sample_loss(cond, target, valid=None, detail=None):

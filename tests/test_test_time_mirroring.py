@@ -34,9 +34,22 @@ def test_combinations_start_with_the_image_itself():
     assert len(mirror_combinations(3)) == 8 and mirror_combinations(3)[0] == ()
 
 
-def test_plans_switch_it_and_it_is_on_by_default():
+def test_plans_switch_it_and_a_trained_fold_overrules_them():
     assert mirroring_enabled({}) and mirroring_enabled({"inference": {}})
     assert not mirroring_enabled({"inference": {"test_time_mirroring": False}})
+    # a fold trained without augmentation never saw a mirrored image: its checkpoint says no
+    assert not mirroring_enabled({"inference": {"test_time_mirroring": True}}, {"test_time_mirroring": False})
+    assert not mirroring_enabled({"diffusion": {"test_time_mirroring": False}})
+    assert mirroring_enabled({"inference": {}}, {"noise_scale": 0.5})  # older checkpoints: the plans decide
+
+
+def test_trainer_records_whether_its_training_mirrored(tmp_path, monkeypatch):
+    from test_ambiguity_training import _synthetic_trainer
+
+    augmented, _, _ = _synthetic_trainer(tmp_path / "a", monkeypatch, 908, None)
+    plain, _, _ = _synthetic_trainer(tmp_path / "b", monkeypatch, 909, None, augment=False)
+    assert augmented.configuration["diffusion"]["test_time_mirroring"] is True
+    assert plain.configuration["diffusion"]["test_time_mirroring"] is False
 
 
 @pytest.mark.parametrize("refinement", [False, True])

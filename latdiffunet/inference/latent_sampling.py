@@ -79,10 +79,15 @@ class CaseNoise:
         return torch.cat(crops, 0)
 
 
-def mirroring_enabled(configuration: dict) -> bool:
-    """Whether the plans' configuration samples on mirrored images (``inference.test_time_mirroring``;
-    on when absent, as nnU-Net mirrors unless told not to)."""
-    return bool(configuration.get("inference", {}).get("test_time_mirroring", True))
+def mirroring_enabled(configuration: dict, diffusion: dict | None = None) -> bool:
+    """Whether to sample on mirrored images: a trained fold's sampling settings (``diffusion``, from
+    its checkpoint) say it when they have ``test_time_mirroring`` (off for a fold trained without
+    augmentation, which never saw a mirrored image), else the plans' ``inference.test_time_mirroring``,
+    on when absent, as nnU-Net mirrors unless told not to."""
+    if diffusion is not None and "test_time_mirroring" in diffusion:
+        return bool(diffusion["test_time_mirroring"])
+    plans_choice = configuration.get("inference", {}).get("test_time_mirroring", True)
+    return bool(configuration.get("diffusion", {}).get("test_time_mirroring", plans_choice))
 
 
 def mirror_combinations(dim: int) -> list[tuple[int, ...]]:

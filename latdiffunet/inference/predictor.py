@@ -121,13 +121,12 @@ class LatentDiffusionPredictor:
         """
         stacks = []
         per_window = settings.steps if every_step else 1
-        mirror = mirroring_enabled(self.configuration) if settings.mirror is None else settings.mirror
         for i, (model, diffusion) in enumerate(zip(self.models, self.diffusions)):
             generator = torch.Generator(device=self.device).manual_seed(case_seed(settings.seed, case_id) + 1000 * i)
             predictor = DiffusionWindowPredictor(
                 model, diffusion, settings.num_samples, settings.steps, generator,
                 amp=settings.amp and self.device.type == "cuda", noise_scale=settings.noise_scale, every_step=every_step,
-                mirror=mirror,
+                mirror=mirroring_enabled(self.configuration, diffusion) if settings.mirror is None else settings.mirror,
             )
             probs = sliding_window_predict(
                 data, self.configuration["patch_size"], predictor, per_window * settings.num_samples, self.num_classes,

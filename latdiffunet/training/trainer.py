@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from latdiffunet.diffusion import NoiseSchedule, clip_x0_for, ddim_sample, training_target, x0_for_loss
 from latdiffunet.errors import UserInputError
+from latdiffunet.inference.latent_sampling import mirroring_enabled
 from latdiffunet.inference.predictor import LatentDiffusionPredictor, PredictionSettings
 from latdiffunet.networks import build_model, kl_divergence
 from latdiffunet.preprocessing.splits import load_case_groups
@@ -85,6 +86,9 @@ class LatentDiffusionTrainer:
         self.configuration_name = configuration_name
         self.configuration = copy.deepcopy(plans["configurations"][configuration_name])
         self.configuration["diffusion"].update(self.diffusion_overrides)
+        # Test-time mirroring only where training mirrored (augmentation mirrors every axis); stored
+        # with the fold's sampling settings in its checkpoints, so latdiff_predict follows this fold.
+        self.configuration["diffusion"]["test_time_mirroring"] = bool(config.augment and mirroring_enabled(self.configuration))
         self.fold = fold
         self.data_folder = preprocessed_dataset_folder / self.configuration["data_identifier"]
         self.output_folder = output_folder
