@@ -104,9 +104,8 @@ def _mirror_per_sample(x: torch.Tensor, combos: list[tuple[int, ...]], num_sampl
     for i, axes in enumerate(combos):
         if not axes:
             continue
-        chosen = list(range(i, num_samples, len(combos)))
-        if chosen:
-            out[:, chosen] = view[:, chosen].flip([3 + a for a in axes])
+        chosen = list(range(i, num_samples, len(combos)))  # combos has at most num_samples entries: never empty
+        out[:, chosen] = view[:, chosen].flip([3 + a for a in axes])
     return out.reshape(x.shape)
 
 
@@ -122,15 +121,16 @@ class DiffusionWindowPredictor:
     window stitches them like samples, and a caller reshapes the result to ``(T, S, K, ...)``. Each
     step's probabilities go to host memory at once, so the device holds no more than usual.
 
-    ``mirror=True``: test-time mirroring as samples (module docstring); with one sample it changes
-    nothing.
+    ``mirror``: test-time mirroring as samples (module docstring); None (the default) takes the
+    ``test_time_mirroring`` of the sampling settings ``diffusion`` (the trainer writes it; off when
+    absent). With one sample it changes nothing.
     """
 
     def __init__(self, model: torch.nn.Module, diffusion: dict, num_samples: int, num_steps: int,
                  generator: torch.Generator | None = None, eta: float | None = None, amp: bool = False,
-                 noise_scale: float | None = None, every_step: bool = False, mirror: bool = False):
+                 noise_scale: float | None = None, every_step: bool = False, mirror: bool | None = None):
         self.model = model
-        self.mirror = mirror
+        self.mirror = bool(diffusion.get("test_time_mirroring", False) if mirror is None else mirror)
         self.every_step = every_step
         # Scale of the starting noise and random latent (sampling temperature), calibrated on the
         # fold's validation cases at the end of training (see training/validation.py).

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from latdiffunet.inference.latent_sampling import DiffusionWindowPredictor, mirroring_enabled
+from latdiffunet.inference.latent_sampling import DiffusionWindowPredictor
 from latdiffunet.inference.sliding_window import sliding_window_predict
 from latdiffunet.training.data_loading import load_preprocessed_case
 from latdiffunet.training.validation import foreground_dice
@@ -67,7 +67,7 @@ def noise_scale_table(
     for scale in scales:
         generator = torch.Generator(device=device).manual_seed(seed)
         predictor = DiffusionWindowPredictor(model, configuration["diffusion"], num_samples, steps, generator,
-                                               noise_scale=scale, mirror=mirroring_enabled(configuration))
+                                               noise_scale=scale)
         ged, diversity, single, mean = [], [], [], []
         for case in cases:
             probs = sliding_window_predict(case["data"], configuration["patch_size"], predictor, num_samples, num_classes,

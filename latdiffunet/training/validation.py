@@ -15,11 +15,7 @@ import numpy as np
 import torch
 
 from latdiffunet.evaluation.metrics import evaluate_case, summarize
-from latdiffunet.inference.latent_sampling import (
-    DiffusionWindowPredictor,
-    reconstruction_window_predictor,
-    mirroring_enabled,
-)
+from latdiffunet.inference.latent_sampling import DiffusionWindowPredictor, reconstruction_window_predictor
 from latdiffunet.inference.sliding_window import sliding_window_predict
 from latdiffunet.training.data_loading import load_preprocessed_case
 from latdiffunet.training.losses import one_hot
@@ -80,8 +76,7 @@ def evaluate_model_on_cases(
         predictor, samples = reconstruction_window_predictor(model), 1
     elif mode == "sampling":
         steps = num_steps or configuration["inference"]["sampling_steps"]
-        predictor = DiffusionWindowPredictor(model, configuration["diffusion"], num_samples, steps, generator, amp=amp,
-                                             mirror=mirroring_enabled(configuration))
+        predictor = DiffusionWindowPredictor(model, configuration["diffusion"], num_samples, steps, generator, amp=amp)
         samples = num_samples
     else:
         raise ValueError(f"unknown validation mode {mode!r}")
