@@ -110,6 +110,14 @@ def test_plan_3d_dataset_has_2d_and_3d_and_fits_budget():
         assert cfg["diffusion"]["parameterization"] in ("x0", "v")
 
 
+@pytest.mark.parametrize("preset_name", ["tiny", "cpu", "default"])
+def test_every_preset_trains_the_image_encoder_with_its_segmentation_head(preset_name):
+    """The head is what brought the Dice of one sample level with the mean on Hippocampus; a
+    preset that drops it silently loses that."""
+    plans = plan_experiment(fingerprint(), load_preset(preset_name), ["2d"])
+    assert plans["configurations"]["2d"]["network"]["segmentation_head"] == {"enabled": True}
+
+
 def test_smaller_memory_budget_gives_smaller_patch_or_batch():
     big = load_preset("default")
     small = load_preset("default")

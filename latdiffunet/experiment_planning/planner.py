@@ -425,6 +425,10 @@ def network_config(dim: int, in_channels: int, num_classes: int, latent_c: int, 
         },
         # full-resolution refinement of decoded masks with image detail (networks/refinement.py)
         "refinement": {"enabled": n.get("refinement_channels", 0) > 0, "channels": n.get("refinement_channels") or 16},
+        # deep supervision of the image encoder, training only (networks/segmentation_head.py): on
+        # Hippocampus 2d fold 0 (15-min CPU budget) it lifted the Dice of the mean from 0.822 to 0.848
+        # and of one sample from 0.809 to 0.841 (README, "Results so far")
+        "segmentation_head": {"enabled": bool(n.get("image_segmentation_head", False))},
     }
 
 

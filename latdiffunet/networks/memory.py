@@ -64,7 +64,10 @@ def _traced_activation_elements(
         onehot = torch.empty(batch, cfg["num_classes"], *patch, device=meta)
         image = torch.empty(batch, cfg["in_channels"], *patch, device=meta)
         mu, _ = model.autoencoder.encode(onehot)
-        cond, detail = model.condition_and_detail(image)
+        features = model.image_encoder(image)
+        cond, detail = model.split_image_features(features)
+        if model.segmentation_head is not None:  # trained alongside (deep supervision)
+            model.segment_image(features)
         t = torch.zeros(batch, dtype=torch.long, device=meta)
         model.denoise(torch.empty_like(mu), t, cond)
         model.decode_latent(mu, detail)  # the autoencoder's decoder, then the refinement head if any

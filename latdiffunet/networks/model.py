@@ -25,6 +25,9 @@ Config-dict schema accepted by :func:`build_model` (this is what the plans store
       },
       "refinement": {                     # all optional; off unless the plans switch it on
         "enabled": false, "channels": 16, "blocks": 2
+      },
+      "segmentation_head": {              # training only (deep supervision of the image encoder)
+        "enabled": false
       }
     }
 
@@ -46,6 +49,7 @@ from .denoiser import LatentDenoiser, LatentDenoiserConfig
 from .image_encoder import ImageEncoder, ImageEncoderConfig
 from .mask_autoencoder import MaskAutoencoder, MaskAutoencoderConfig
 from .refinement import RefinementHead, RefinementHeadConfig
+from .segmentation_head import ImageSegmentationHead, ImageSegmentationHeadConfig
 
 __all__ = ["LatentDiffusionSegmenter", "build_model", "resolve_model_config", "MODEL_DEFAULTS"]
 
@@ -81,9 +85,11 @@ MODEL_DEFAULTS: dict[str, Any] = {
     },
     # Off by default so that a checkpoint whose stored config predates the head rebuilds as it was.
     "refinement": {"enabled": False, "channels": 16, "blocks": 2},
+    # Off by default for the same reason; it only adds a training loss (networks/segmentation_head.py).
+    "segmentation_head": {"enabled": False},
 }
 _REQUIRED = ("dim", "in_channels", "num_classes")
-_SECTIONS = ("autoencoder", "image_encoder", "denoiser", "refinement")
+_SECTIONS = ("autoencoder", "image_encoder", "denoiser", "refinement", "segmentation_head")
 
 
 def resolve_model_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -142,12 +148,14 @@ class LatentDiffusionSegmenter(nn.Module):
         denoiser: LatentDenoiser,
         config: dict[str, Any] | None = None,
         refinement: RefinementHead | None = None,
+        segmentation_head: ImageSegmentationHead | None = None,
     ):
         super().__init__()
         self.autoencoder = autoencoder
         self.image_encoder = image_encoder
         self.denoiser = denoiser
         self.refinement = refinement
+        self.segmentation_head = segmentation_head
         self.config = config  # resolved build_model dict, if built from one
         self.register_buffer("latent_scale", torch.tensor(1.0))
 
@@ -171,8 +179,17 @@ class LatentDiffusionSegmenter(nn.Module):
     def condition_and_detail(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Image -> (conditioning feature at latent resolution, full-resolution feature for the
         refinement head, or None without one). One pass of the image encoder for both."""
-        features = self.image_encoder(image)
+        return self.split_image_features(self.image_encoder(image))
+
+    def split_image_features(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The image encoder's pyramid -> (conditioning, refinement detail or None)."""
         return features[-1], (features[0] if self.refinement is not None else None)
+
+    def segment_image(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """The image encoder's pyramid -> the segmentation head's logits (training only)."""
+        if self.segmentation_head is None:
+            raise RuntimeError("this model has no segmentation head (plans: network.segmentation_head.enabled)")
+        return self.segmentation_head(features)
 
     def denoise(
         self,
@@ -251,4 +268,18 @@ def build_model(config: dict[str, Any]) -> LatentDiffusionSegmenter:
         if rf["enabled"]
         else None
     )
-    return LatentDiffusionSegmenter(autoencoder, image_encoder, denoiser, config=cfg, refinement=refinement)
+    segmentation_head = (
+        ImageSegmentationHead(
+            ImageSegmentationHeadConfig(
+                dim=dim,
+                num_classes=int(cfg["num_classes"]),
+                channels_per_scale=list(image_encoder.out_channels_per_scale),
+                strides=strides,
+            )
+        )
+        if cfg["segmentation_head"]["enabled"]
+        else None
+    )
+    return LatentDiffusionSegmenter(
+        autoencoder, image_encoder, denoiser, config=cfg, refinement=refinement, segmentation_head=segmentation_head
+    )

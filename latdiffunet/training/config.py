@@ -31,6 +31,11 @@ class TrainerConfig:
     decoded_supervision_weight: float = 1.0
     decoded_class_weights: bool = False  # class-weighted CE on the decoded prediction (biases towards over-segmentation)
     dice_weight: float = 1.0
+    # CE + Dice of the image encoder's own segmentation head (plans: network.segmentation_head), a
+    # dense gradient for the image pathway (networks/segmentation_head.py); ignored without a head.
+    image_segmentation_weight: float = 1.0
+    # Train the image encoder and its head during the autoencoder stage too (it is idle otherwise).
+    image_pretraining: bool = True
     # The decoded x0-estimate is supervised only where abar_t >= this (0: at every noise level).
     # At high noise the x0-estimate can only be a posterior mean, but the sampler's first steps
     # decode it. The one run with 0.5 (SNR >= 1 only) on Hippocampus 2d, which also had the sample

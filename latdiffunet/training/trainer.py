@@ -147,11 +147,17 @@ class LatentDiffusionTrainer:
         return list(splits[int(self.fold)]["train"]), list(splits[int(self.fold)]["val"])
 
     def _trainable_parameters(self, stage: str) -> list[torch.nn.Parameter]:
+        head = self.model.segmentation_head
         if stage == "autoencoder":
-            return list(self.model.autoencoder.parameters())
+            params = list(self.model.autoencoder.parameters())
+            if head is not None and self.config.image_pretraining:
+                params += list(self.model.image_encoder.parameters()) + list(head.parameters())
+            return params
         params = list(self.model.image_encoder.parameters()) + list(self.model.denoiser.parameters())
         if self.model.refinement is not None:
             params += list(self.model.refinement.parameters())
+        if head is not None:
+            params += list(head.parameters())
         if self.config.joint_finetune:
             params += list(self.model.autoencoder.decoder.parameters())
         return params
@@ -237,7 +243,19 @@ class LatentDiffusionTrainer:
         loss, parts = segmentation_loss(out["logits"], seg, self.class_weights, self.config.dice_weight, self.ignore_label,
                                         batch_sum=self.dist.batch_sum)
         kl = kl_divergence(out["mu"], out["logvar"])  # a mean over equal shares: no batch sum needed
-        return loss + self.config.kl_weight * kl, parts | {"kl": kl.detach()}
+        loss, parts = loss + self.config.kl_weight * kl, parts | {"kl": kl.detach()}
+        if self.model.segmentation_head is not None and self.config.image_pretraining:
+            loss, parts = self._add_image_segmentation_loss(loss, parts, self.model.image_encoder(data), seg)
+        return loss, parts
+
+    def _add_image_segmentation_loss(
+        self, loss: torch.Tensor, parts: dict, features: list[torch.Tensor], seg: torch.Tensor
+    ) -> tuple[torch.Tensor, dict]:
+        """``loss`` plus the weighted CE + Dice of the image encoder's segmentation head
+        (unweighted classes, as the decoded loss): the image pathway's direct gradient."""
+        head_loss, _ = segmentation_loss(self.model.segment_image(features), seg, None, self.config.dice_weight,
+                                         self.ignore_label, batch_sum=self.dist.batch_sum)
+        return loss + self.config.image_segmentation_weight * head_loss, parts | {"image_seg_loss": head_loss.detach()}
 
     def diffusion_loss(self, data: torch.Tensor, seg: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Latent loss + decoded CE/Dice at low noise + energy score of sampled masks.
@@ -261,13 +279,16 @@ class LatentDiffusionTrainer:
         alpha_host, sigma_host = self.schedule.alpha_sigma(t_host, ndim=z0.ndim)
         t, alpha, sigma = (v.to(self.device, non_blocking=True) for v in (t_host, alpha_host, sigma_host))
         z_t = alpha * z0 + sigma * noise
-        cond, detail = self.model.condition_and_detail(data)
+        features = self.model.image_encoder(data)
+        cond, detail = self.model.split_image_features(features)
         output = self.model.denoise(z_t, t, cond, random_latent=random_latent).float()
         target = training_target(self.parameterization, z0, noise, alpha, sigma)
         latent_weight = None if valid is None else latent_valid_fraction(valid, z0.shape)
         latent_loss = weighted_mean((output - target) ** 2, latent_weight, batch_sum=self.dist.batch_sum)
         loss = self.config.latent_loss_weight * latent_loss
         parts = {"latent_loss": latent_loss.detach()}
+        if self.model.segmentation_head is not None:
+            loss, parts = self._add_image_segmentation_loss(loss, parts, features, seg)
         extra = self.extra_diffusion_loss(data, z0, z_t, t_host, output)  # a variant's terms (adversarial.py), or None
         if extra is not None:
             loss, parts = loss + extra.loss, parts | extra.parts

@@ -1,0 +1,131 @@
+"""The image encoder's segmentation head (deep supervision, training only): absent from models
+whose config predates it, a dense gradient for the image encoder in both training stages, never
+used by prediction."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from synthetic import make_synthetic_dataset
+
+from latdiffunet.experiment_planning.cli import main as plan_main
+from latdiffunet.networks import build_model
+from latdiffunet.networks.memory import memory_breakdown
+from latdiffunet.training.config import TrainerConfig
+
+BASE = {
+    "dim": 2, "in_channels": 1, "num_classes": 3, "latent_channels": 4, "strides": [[2, 2], [2, 2]],
+    "autoencoder": {"base_channels": 8}, "image_encoder": {"base_channels": 8},
+    "denoiser": {"base_channels": 16, "channel_multipliers": [1, 2], "strides": [[2, 2]], "random_latent_dim": 4},
+}
+
+
+def _with_head(enabled: bool = True) -> dict:
+    return copy.deepcopy(BASE) | {"segmentation_head": {"enabled": enabled}}
+
+
+@pytest.mark.parametrize("dim,strides,shape", [(2, [[2, 2], [2, 2]], (32, 24)), (3, [[1, 2, 2], [2, 2, 2]], (8, 16, 16))])
+def test_head_segments_at_the_image_resolution(dim, strides, shape):
+    config = _with_head() | {"dim": dim, "strides": strides}
+    config["denoiser"] = {"base_channels": 8, "strides": []}
+    model = build_model(config)
+    features = model.image_encoder(torch.randn(2, 1, *shape))
+    assert model.segment_image(features).shape == (2, 3, *shape)
+
+
+def test_config_without_the_key_builds_the_model_it_was_trained_as():
+    model = build_model(copy.deepcopy(BASE))
+    assert model.segmentation_head is None
+    assert not any(k.startswith("segmentation_head") for k in model.state_dict())
+    with pytest.raises(RuntimeError, match="no segmentation head"):
+        model.segment_image(model.image_encoder(torch.randn(1, 1, 16, 16)))
+    assert build_model(_with_head(False)).segmentation_head is None
+    assert any(k.startswith("segmentation_head") for k in build_model(_with_head()).state_dict())
+
+
+def test_memory_estimate_counts_the_head():
+    plain = memory_breakdown(copy.deepcopy(BASE), [32, 32], 4)
+    headed = memory_breakdown(_with_head(), [32, 32], 4)
+    assert headed["num_parameters"] > plain["num_parameters"]
+    assert headed["activation_bytes"] > plain["activation_bytes"]
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory):
+    root = tmp_path_factory.mktemp("seghead")
+    mp = pytest.MonkeyPatch()
+    for variable, folder in (("LATDIFF_RAW", "raw"), ("LATDIFF_PREPROCESSED", "pre"), ("LATDIFF_RESULTS", "res")):
+        mp.setenv(variable, str(root / folder))
+    make_synthetic_dataset(root / "raw", name="Dataset907_SegHead2D", num_cases=6, dim=2, seed=7)
+    assert plan_main(["-d", "907", "--preset", "tiny", "-np", "1"]) == 0
+    yield root
+    mp.undo()
+
+
+def _trainer(planned, head: bool, **overrides):
+    from latdiffunet.training.trainer import LatentDiffusionTrainer
+
+    pre = planned / "pre" / "Dataset907_SegHead2D"
+    plans = json.loads((pre / "latdiffPlans_tiny.json").read_text())
+    plans["configurations"]["2d"]["network"]["segmentation_head"] = {"enabled": head}
+    splits = json.loads((pre / "splits_final.json").read_text())
+    config = TrainerConfig(autoencoder_epochs=1, diffusion_epochs=1, iterations_per_epoch=3, validation_every=100,
+                           batch_size=4, num_workers=0, augment=False, calibrate_noise_scale=False,
+                           sample_loss_start=0.0, **overrides)
+    return LatentDiffusionTrainer(plans, "2d", 0, pre, planned / "res" / "t", torch.device("cpu"), config, splits)
+
+
+def _step(trainer, stage: str) -> dict:
+    trainer._setup_stage(stage)
+    trainer.model.train()
+    try:
+        return trainer.train_step(next(trainer.batch_stream()), stage)
+    finally:
+        trainer.shutdown()
+
+
+def _has_gradient(module: torch.nn.Module) -> bool:
+    return any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+
+
+@pytest.mark.parametrize("head,pretraining,expected", [(True, True, True), (True, False, False), (False, True, False)])
+def test_autoencoder_stage_trains_the_image_encoder_through_the_head_only(planned, head, pretraining, expected):
+    """Without the head (or with ``image_pretraining`` off) the image encoder has nothing to learn
+    from in the autoencoder stage; with it, the head's CE + Dice reaches every encoder scale."""
+    trainer = _trainer(planned, head, image_pretraining=pretraining)
+    parts = _step(trainer, "autoencoder")
+    assert ("image_seg_loss" in parts) is expected
+    assert _has_gradient(trainer.model.image_encoder.conv_in) is expected
+    assert _has_gradient(trainer.model.autoencoder)
+    if head:
+        assert _has_gradient(trainer.model.segmentation_head) is expected
+
+
+def test_diffusion_stage_adds_the_head_loss_weighted(planned):
+    trainer = _trainer(planned, True, image_segmentation_weight=0.0)
+    parts = _step(trainer, "diffusion")
+    assert not _has_gradient(trainer.model.segmentation_head), "a weight of 0 must switch the head's loss off"
+    trainer = _trainer(planned, True)
+    parts = _step(trainer, "diffusion")
+    assert float(parts["image_seg_loss"]) > 0
+    assert _has_gradient(trainer.model.segmentation_head) and _has_gradient(trainer.model.image_encoder.conv_in)
+
+
+def test_prediction_never_runs_the_head(planned):
+    """Every mask a user sees comes from a diffusion sample: the head is training only."""
+    from latdiffunet.inference.latent_sampling import DiffusionWindowPredictor
+
+    torch.manual_seed(0)
+    model = build_model(_with_head()).eval()
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("prediction ran the segmentation head")
+
+    model.segmentation_head.forward = refuse
+    diffusion = {"schedule": "cosine", "training_steps": 100, "parameterization": "x0", "noise_scale": 1.0}
+    out = DiffusionWindowPredictor(model, diffusion, 2, 2, torch.Generator().manual_seed(1))(torch.randn(1, 1, 32, 32))
+    assert out.shape == (1, 2, 3, 32, 32)
