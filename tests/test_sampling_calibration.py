@@ -55,6 +55,30 @@ def test_calibration_cases_spread_over_the_whole_fold():
     assert calibration_cases([], minimum=10) == []
 
 
+def test_several_raters_prefer_the_coldest_scale_the_data_cannot_tell_from_the_best():
+    """One-standard-error rule on paired per-case GEDs: a colder scale within noise of the lowest
+    GED wins; one clearly worse does not."""
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.0, 1.0, 64)
+    rows = [
+        {"noise_scale": 0.5, "GED": 0.0, "GED_per_case": list(base + 0.10)},  # clearly worse
+        {"noise_scale": 0.75, "GED": 0.0, "GED_per_case": list(base + rng.normal(0.0, 0.05, 64))},  # a tie
+        {"noise_scale": 1.0, "GED": 0.0, "GED_per_case": list(base)},
+    ]
+    for r in rows:
+        r["GED"] = float(np.mean(r["GED_per_case"]))
+    rows[1]["GED"] = rows[2]["GED"] + 1e-4  # the mean ranks 1.0 first, by a hair
+    rows[1]["GED_per_case"] = list(np.asarray(rows[1]["GED_per_case"]) - np.mean(rows[1]["GED_per_case"]) + rows[1]["GED"])
+    scale, why = choose_noise_scale(rows, multi_rater=True)
+    assert scale == 0.75 and "standard error" in why
+    rows[1]["GED_per_case"] = list(base + 0.10)  # now clearly worse too
+    rows[1]["GED"] = float(np.mean(rows[1]["GED_per_case"]))
+    assert choose_noise_scale(rows, multi_rater=True)[0] == 1.0
+    for r in rows:  # tables written before per-case GEDs were stored: plain lowest GED
+        del r["GED_per_case"]
+    assert choose_noise_scale(rows, multi_rater=True)[0] == 1.0
+
+
 def test_choose_noise_scale_rules():
     rows = [
         {"noise_scale": 0.0, "GED": 0.50, "Dice_single_sample": 0.80, "Dice_of_mean": 0.80},

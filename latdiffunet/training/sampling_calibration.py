@@ -86,7 +86,8 @@ def noise_scale_table(
                 if dice is not None:
                     out.append(dice)
         rows.append({
-            "noise_scale": scale, "GED": float(np.mean(ged)), "sample_diversity": float(np.mean(diversity)),
+            "noise_scale": scale, "GED": float(np.mean(ged)), "GED_per_case": [round(g, 6) for g in ged],
+            "sample_diversity": float(np.mean(diversity)),
             "Dice_single_sample": float(np.mean(single)) if single else float("nan"),
             "Dice_of_mean": float(np.mean(mean)) if mean else float("nan"),
         })
@@ -144,8 +145,7 @@ def choose_noise_scale(rows: list[dict], multi_rater: bool, tolerance: float = S
     as the samples can carry without any of them being worse than the mean.
     """
     if multi_rater:
-        best = min(rows, key=lambda r: r["GED"])
-        return float(best["noise_scale"]), "several raters: lowest GED (d = 1 - IoU) of the samples against the raters"
+        return _coldest_scale_as_good_as_the_best_ged(rows)
     target = max(r["Dice_of_mean"] for r in rows)
     ok = [r for r in rows if r["Dice_single_sample"] >= target - tolerance]
     best = max(ok, key=lambda r: r["noise_scale"]) if ok else max(rows, key=lambda r: r["Dice_single_sample"])
@@ -153,6 +153,36 @@ def choose_noise_scale(rows: list[dict], multi_rater: bool, tolerance: float = S
         f"one annotation per image: largest scale whose Dice of one sample is within {tolerance} of the best "
         f"Dice of the mean ({target:.4f})"
     )
+
+
+def _coldest_scale_as_good_as_the_best_ged(rows: list[dict]) -> tuple[float, str]:
+    """Several raters: the lowest GED wins, unless a colder scale is within one standard error of
+    it (the one-standard-error rule).
+
+    The difference is paired (same cases, same seeds), so its standard error is that of the
+    per-case differences. Why colder: a GED table of a few dozen held-back images often ends in a
+    flat stretch (LIDC, 64 slices: 0.1446 at 0.75, 0.1445 at 1, spread 0.59 against 0.72) where
+    the lowest mean is noise, and of scales the data cannot tell apart the one with less spread
+    makes every sample more accurate at no measurable cost in how the set matches the raters.
+    """
+    best = min(rows, key=lambda r: r["GED"])
+    reason = "several raters: lowest GED (d = 1 - IoU) of the samples against the raters"
+    base = best.get("GED_per_case")
+    for row in sorted(rows, key=lambda r: r["noise_scale"]):
+        if row is best or row["noise_scale"] > best["noise_scale"]:
+            break
+        cases = row.get("GED_per_case")
+        if not base or not cases or len(cases) != len(base) or len(base) < 2:
+            break
+        diff = np.asarray(cases, dtype=float) - np.asarray(base, dtype=float)
+        standard_error = float(diff.std(ddof=1) / math.sqrt(len(diff)))
+        if diff.mean() <= standard_error:
+            return float(row["noise_scale"]), (
+                f"several raters: the coldest scale whose GED (d = 1 - IoU) is within one standard error of the "
+                f"lowest ({row['GED']:.4f} vs {best['GED']:.4f} at {best['noise_scale']:g}, paired standard error "
+                f"{standard_error:.4f} over {len(diff)} cases)"
+            )
+    return float(best["noise_scale"]), reason
 
 
 def calibrate_noise_scale(
