@@ -138,3 +138,22 @@ def make_synthetic_dataset(
     }
     (folder / "dataset.json").write_text(json.dumps(dataset_json, indent=2) + "\n", encoding="utf-8")
     return folder
+
+
+def planned_tiny_dataset(root: Path, name: str, seed: int, num_cases: int = 6, dim: int = 2):
+    """Generator for a module fixture: ``LATDIFF_RAW/PREPROCESSED/RESULTS`` under ``root``, a
+    synthetic dataset ``name`` (``DatasetNNN_...``) written, planned and preprocessed with the
+    ``tiny`` preset; yields ``root`` and restores the environment after."""
+    import pytest
+
+    from latdiffunet.experiment_planning.cli import main as plan_main
+
+    mp = pytest.MonkeyPatch()
+    for variable, folder in (("LATDIFF_RAW", "raw"), ("LATDIFF_PREPROCESSED", "pre"), ("LATDIFF_RESULTS", "res")):
+        mp.setenv(variable, str(root / folder))
+    try:
+        make_synthetic_dataset(root / "raw", name=name, num_cases=num_cases, dim=dim, seed=seed)
+        assert plan_main(["-d", str(int(name[7:10])), "--preset", "tiny", "-np", "1"]) == 0
+        yield root
+    finally:
+        mp.undo()

@@ -9,9 +9,8 @@ import json
 import pytest
 import torch
 
-from synthetic import make_synthetic_dataset
+from synthetic import planned_tiny_dataset
 
-from latdiffunet.experiment_planning.cli import main as plan_main
 from latdiffunet.inference.latent_sampling import DiffusionWindowPredictor
 from latdiffunet.networks import build_model
 from latdiffunet.networks.memory import memory_breakdown
@@ -84,14 +83,7 @@ def test_memory_estimate_counts_the_head():
 
 @pytest.fixture(scope="module")
 def planned(tmp_path_factory):
-    root = tmp_path_factory.mktemp("refine")
-    mp = pytest.MonkeyPatch()
-    for variable, folder in (("LATDIFF_RAW", "raw"), ("LATDIFF_PREPROCESSED", "pre"), ("LATDIFF_RESULTS", "res")):
-        mp.setenv(variable, str(root / folder))
-    make_synthetic_dataset(root / "raw", name="Dataset905_Refine2D", num_cases=6, dim=2, seed=4)
-    assert plan_main(["-d", "905", "--preset", "tiny", "-np", "1"]) == 0
-    yield root
-    mp.undo()
+    yield from planned_tiny_dataset(tmp_path_factory.mktemp("refine"), "Dataset905_Refine2D", seed=4)
 
 
 def test_head_trains_in_the_diffusion_stage_only(planned):

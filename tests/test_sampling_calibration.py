@@ -74,6 +74,10 @@ def test_several_raters_prefer_the_coldest_scale_the_data_cannot_tell_from_the_b
     rows[1]["GED_per_case"] = list(base + 0.10)  # now clearly worse too
     rows[1]["GED"] = float(np.mean(rows[1]["GED_per_case"]))
     assert choose_noise_scale(rows, multi_rater=True)[0] == 1.0
+    few = [dict(r, GED_per_case=r["GED_per_case"][:3]) for r in rows]
+    few[1]["GED_per_case"] = [g - 0.2 for g in rows[2]["GED_per_case"][:3]]  # a tie on 3 cases...
+    few[1]["GED"] = few[2]["GED"] + 1e-4
+    assert choose_noise_scale(few, multi_rater=True)[0] == 1.0, "...is no evidence: lowest GED decides"
     for r in rows:  # tables written before per-case GEDs were stored: plain lowest GED
         del r["GED_per_case"]
     assert choose_noise_scale(rows, multi_rater=True)[0] == 1.0

@@ -10,9 +10,8 @@ import json
 import pytest
 import torch
 
-from synthetic import make_synthetic_dataset
+from synthetic import planned_tiny_dataset
 
-from latdiffunet.experiment_planning.cli import main as plan_main
 from latdiffunet.networks import build_model
 from latdiffunet.networks.memory import memory_breakdown
 from latdiffunet.training.config import TrainerConfig
@@ -50,20 +49,14 @@ def test_config_without_the_key_builds_the_model_it_was_trained_as():
 def test_memory_estimate_counts_the_head():
     plain = memory_breakdown(copy.deepcopy(BASE), [32, 32], 4)
     headed = memory_breakdown(_with_head(), [32, 32], 4)
-    assert headed["num_parameters"] > plain["num_parameters"]
-    assert headed["activation_bytes"] > plain["activation_bytes"]
+    head_parameters = sum(p.numel() for p in build_model(_with_head()).segmentation_head.parameters())
+    assert headed["num_parameters"] - plain["num_parameters"] == head_parameters
+    assert headed["activation_bytes"] > plain["activation_bytes"], "the head's training activations are not counted"
 
 
 @pytest.fixture(scope="module")
 def planned(tmp_path_factory):
-    root = tmp_path_factory.mktemp("seghead")
-    mp = pytest.MonkeyPatch()
-    for variable, folder in (("LATDIFF_RAW", "raw"), ("LATDIFF_PREPROCESSED", "pre"), ("LATDIFF_RESULTS", "res")):
-        mp.setenv(variable, str(root / folder))
-    make_synthetic_dataset(root / "raw", name="Dataset907_SegHead2D", num_cases=6, dim=2, seed=7)
-    assert plan_main(["-d", "907", "--preset", "tiny", "-np", "1"]) == 0
-    yield root
-    mp.undo()
+    yield from planned_tiny_dataset(tmp_path_factory.mktemp("seghead"), "Dataset907_SegHead2D", seed=7)
 
 
 def _trainer(planned, head: bool, **overrides):

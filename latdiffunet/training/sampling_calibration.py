@@ -155,6 +155,11 @@ def choose_noise_scale(rows: list[dict], multi_rater: bool, tolerance: float = S
     )
 
 
+# Below this many held-back cases a standard error is no estimate (QUBIQ holds back 2 images): the
+# plain lowest GED decides there.
+MIN_CASES_FOR_STANDARD_ERROR = 10
+
+
 def _coldest_scale_as_good_as_the_best_ged(rows: list[dict]) -> tuple[float, str]:
     """Several raters: the lowest GED wins, unless a colder scale is within one standard error of
     it (the one-standard-error rule).
@@ -172,7 +177,7 @@ def _coldest_scale_as_good_as_the_best_ged(rows: list[dict]) -> tuple[float, str
         if row is best or row["noise_scale"] > best["noise_scale"]:
             break
         cases = row.get("GED_per_case")
-        if not base or not cases or len(cases) != len(base) or len(base) < 2:
+        if not base or not cases or len(cases) != len(base) or len(base) < MIN_CASES_FOR_STANDARD_ERROR:
             break
         diff = np.asarray(cases, dtype=float) - np.asarray(base, dtype=float)
         standard_error = float(diff.std(ddof=1) / math.sqrt(len(diff)))
