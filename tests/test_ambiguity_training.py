@@ -222,8 +222,9 @@ def test_sample_loss_every_k_steps_runs_on_those_steps_weighted_k_times(tmp_path
     for step in range(4):
         trainer._step_in_epoch = step
         loss, parts = trainer.diffusion_loss(data, seg)
-        totals.append(float(loss.detach()) - sum(float(parts[k]) * w for k, w in (("latent_loss", config.latent_loss_weight),
-                                                                         ("decoded_loss", config.decoded_supervision_weight))))
+        known = (("latent_loss", config.latent_loss_weight), ("decoded_loss", config.decoded_supervision_weight),
+                 ("image_seg_loss", config.image_segmentation_weight))
+        totals.append(float(loss.detach()) - sum(float(parts[k]) * w for k, w in known if k in parts))
         assert ("sample_loss" in parts) is (step % 2 == 0)
     assert calls == [0, 2]
     assert totals[0] == pytest.approx(2 * 0.25 * config.sample_loss_weight, abs=1e-5) and totals[1] == pytest.approx(0, abs=1e-5)
