@@ -174,7 +174,7 @@ def _coldest_scale_as_good_as_the_best_ged(rows: list[dict]) -> tuple[float, str
     reason = "several raters: lowest GED (d = 1 - IoU) of the samples against the raters"
     base = best.get("GED_per_case")
     for row in sorted(rows, key=lambda r: r["noise_scale"]):
-        if row is best or row["noise_scale"] > best["noise_scale"]:
+        if row is best:  # ascending: every colder scale was looked at
             break
         cases = row.get("GED_per_case")
         if not base or not cases or len(cases) != len(base) or len(base) < MIN_CASES_FOR_STANDARD_ERROR:
