@@ -59,12 +59,13 @@ def planned(tmp_path_factory):
     yield from planned_tiny_dataset(tmp_path_factory.mktemp("seghead"), "Dataset907_SegHead2D", seed=7)
 
 
-def _trainer(planned, head: bool, **overrides):
+def _trainer(planned, head: bool | dict, **overrides):
+    """``head``: on/off, or the whole ``segmentation_head`` section of the network plans."""
     from latdiffunet.training.trainer import LatentDiffusionTrainer
 
     pre = planned / "pre" / "Dataset907_SegHead2D"
     plans = json.loads((pre / "latdiffPlans_tiny.json").read_text())
-    plans["configurations"]["2d"]["network"]["segmentation_head"] = {"enabled": head}
+    plans["configurations"]["2d"]["network"]["segmentation_head"] = head if isinstance(head, dict) else {"enabled": head}
     splits = json.loads((pre / "splits_final.json").read_text())
     config = TrainerConfig(autoencoder_epochs=1, diffusion_epochs=1, iterations_per_epoch=3, validation_every=100,
                            batch_size=4, num_workers=0, augment=False, calibrate_noise_scale=False,
@@ -122,3 +123,77 @@ def test_prediction_never_runs_the_head(planned):
     diffusion = {"schedule": "cosine", "training_steps": 100, "parameterization": "x0", "noise_scale": 1.0}
     out = DiffusionWindowPredictor(model, diffusion, 2, 2, torch.Generator().manual_seed(1))(torch.randn(1, 1, 32, 32))
     assert out.shape == (1, 2, 3, 32, 32)
+
+
+def _with_prior() -> dict:
+    return copy.deepcopy(BASE) | {"segmentation_head": {"enabled": True, "condition_denoiser": True}}
+
+
+def test_head_prior_is_the_heads_mask_encoded_and_reaches_the_denoiser_detached():
+    """With ``condition_denoiser`` the denoiser reads the head's mask, encoded by the mask
+    autoencoder, beside the image features; the denoiser's loss never trains the head."""
+    torch.manual_seed(0)
+    model = build_model(_with_prior())
+    torch.nn.init.normal_(model.denoiser.out[-1].weight, std=0.1)  # zero-initialised: would hide every input
+    plain = build_model(copy.deepcopy(BASE) | {"segmentation_head": {"enabled": True}})
+    assert model.denoiser.conv_in.in_channels == plain.denoiser.conv_in.in_channels + 4
+    image = torch.randn(2, 1, 32, 32)
+    features = model.image_encoder(image)
+    cond, _, logits = model.image_conditioning(features)
+    assert cond.shape[1] == features[-1].shape[1] + 4
+    torch.testing.assert_close(cond[:, -4:], model.encode_mask(logits.softmax(1)))
+    assert model.split_image_features(features)[0].shape == cond.shape
+
+    z_t, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 500])
+    with torch.no_grad():
+        before = model.denoise(z_t, t, cond)
+        model.segmentation_head.conv_out.bias.add_(torch.tensor([3.0, -3.0, 0.0]))  # a different head mask
+        after = model.denoise(z_t, t, model.split_image_features(features)[0])
+    assert (before - after).abs().max() > 1e-4, "the head's mask does not reach the denoiser"
+
+    model.zero_grad()
+    model.denoise(z_t, t, model.split_image_features(model.image_encoder(image))[0]).square().mean().backward()
+    assert not _has_gradient(model.segmentation_head), "the denoiser's loss trained the head through the prior"
+    assert _has_gradient(model.image_encoder.conv_in)
+
+
+def test_head_prior_needs_the_head():
+    config = copy.deepcopy(BASE) | {"segmentation_head": {"enabled": False, "condition_denoiser": True}}
+    with pytest.raises(ValueError, match="condition_denoiser needs segmentation_head.enabled"):
+        build_model(config)
+
+
+def test_memory_estimate_counts_the_prior_once():
+    headed = memory_breakdown(_with_head(), [32, 32], 4)
+    prior = memory_breakdown(_with_prior(), [32, 32], 4)
+    extra = 4 * build_model(_with_prior()).denoiser.conv_in.out_channels * 9  # conv_in's 4 new input channels
+    assert prior["num_parameters"] - headed["num_parameters"] == extra
+    # the head runs once (its activations counted once) plus the autoencoder's encoder on its mask
+    assert headed["activation_bytes"] < prior["activation_bytes"] < 1.5 * headed["activation_bytes"]
+
+
+def test_diffusion_step_with_the_prior_runs_the_head_once(planned):
+    trainer = _trainer(planned, {"enabled": True, "condition_denoiser": True})
+    calls = []
+    trainer.model.segmentation_head.register_forward_hook(lambda *_: calls.append(1))
+    parts = _step(trainer, "diffusion")
+    assert float(parts["image_seg_loss"]) > 0
+    assert len(calls) == 1, f"the head ran {len(calls)} times in one diffusion step"
+    assert _has_gradient(trainer.model.segmentation_head)
+
+
+def test_prediction_with_the_prior_runs_the_head_once_per_image_not_per_step():
+    """The head's mask is a condition, computed once per image like the image features; every
+    step of every sample still denoises, and samples of one image still differ."""
+    from latdiffunet.inference.latent_sampling import DiffusionWindowPredictor
+
+    torch.manual_seed(0)
+    model = build_model(_with_prior()).eval()
+    torch.nn.init.normal_(model.denoiser.out[-1].weight, std=0.1)  # zero-initialised: every sample would be x0 = 0
+    calls = []
+    model.segmentation_head.register_forward_hook(lambda *_: calls.append(1))
+    diffusion = {"schedule": "cosine", "training_steps": 100, "parameterization": "x0", "noise_scale": 1.0}
+    out = DiffusionWindowPredictor(model, diffusion, 3, 4, torch.Generator().manual_seed(1))(torch.randn(1, 1, 32, 32))
+    assert out.shape == (1, 3, 3, 32, 32)
+    assert len(calls) == 1
+    assert (out[0, 0] - out[0, 1]).abs().max() > 1e-3, "samples of one image are identical"

@@ -26,8 +26,9 @@ Config-dict schema accepted by :func:`build_model` (this is what the plans store
       "refinement": {                     # all optional; off unless the plans switch it on
         "enabled": false, "channels": 16, "blocks": 2
       },
-      "segmentation_head": {              # training only (deep supervision of the image encoder)
-        "enabled": false
+      "segmentation_head": {              # deep supervision of the image encoder
+        "enabled": false,
+        "condition_denoiser": false       # its mask, encoded to a latent, also conditions the denoiser
       }
     }
 
@@ -86,7 +87,7 @@ MODEL_DEFAULTS: dict[str, Any] = {
     # Off by default so that a checkpoint whose stored config predates the head rebuilds as it was.
     "refinement": {"enabled": False, "channels": 16, "blocks": 2},
     # Off by default for the same reason; it only adds a training loss (networks/segmentation_head.py).
-    "segmentation_head": {"enabled": False},
+    "segmentation_head": {"enabled": False, "condition_denoiser": False},
 }
 _REQUIRED = ("dim", "in_channels", "num_classes")
 _SECTIONS = ("autoencoder", "image_encoder", "denoiser", "refinement", "segmentation_head")
@@ -183,10 +184,50 @@ class LatentDiffusionSegmenter(nn.Module):
 
     def split_image_features(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The image encoder's pyramid -> (conditioning, refinement detail or None)."""
-        return features[-1], (features[0] if self.refinement is not None else None)
+        cond, detail, _ = self.image_conditioning(features)
+        return cond, detail
+
+    def image_conditioning(
+        self, features: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The image encoder's pyramid -> (conditioning, refinement detail or None, the
+        segmentation head's logits when they were needed for the conditioning, else None).
+
+        With ``segmentation_head.condition_denoiser`` the conditioning is the encoder's latent-
+        resolution map *and* the head's mask encoded by the mask autoencoder (see
+        :meth:`head_prior`); the logits come back so that training scores them without running
+        the head twice.
+        """
+        detail = features[0] if self.refinement is not None else None
+        if not self.conditions_on_head:
+            return features[-1], detail, None
+        logits = self.segment_image(features)
+        return torch.cat([features[-1], self.head_prior(logits)], dim=1), detail, logits
+
+    @property
+    def conditions_on_head(self) -> bool:
+        return self.segmentation_head is not None and bool(
+            (self.config or {}).get("segmentation_head", {}).get("condition_denoiser", False)
+        )
+
+    def head_prior(self, head_logits: torch.Tensor) -> torch.Tensor:
+        """The head's class probabilities, encoded to a (scaled) latent by the mask autoencoder.
+
+        Why: the denoiser sees the image only at latent resolution (4x coarser or more), so where
+        a boundary falls between two latent voxels it must guess; the head decides it at full
+        resolution from the encoder's skip features, as nnU-Net does. Encoded by the autoencoder,
+        that decision arrives in the denoiser's own language (a latent of a mask), which the
+        autoencoder can represent to sub-voxel precision. Detached: the head stays a plain
+        segmentation trained by its own loss, never bent into a message for the denoiser; the
+        diffusion still draws every sample (on multi-rater data the prior is the raters' mean
+        and the samples must spread around it).
+        """
+        probs = head_logits.detach().float().softmax(1).to(head_logits.dtype)
+        return self.encode_mask(probs)
 
     def segment_image(self, features: list[torch.Tensor]) -> torch.Tensor:
-        """The image encoder's pyramid -> the segmentation head's logits (training only)."""
+        """The image encoder's pyramid -> the segmentation head's logits (a training loss, and the
+        denoiser's prior when ``condition_denoiser``; never a mask shown to the user)."""
         if self.segmentation_head is None:
             raise RuntimeError("this model has no segmentation head (plans: network.segmentation_head.enabled)")
         return self.segmentation_head(features)
@@ -207,6 +248,9 @@ def build_model(config: dict[str, Any]) -> LatentDiffusionSegmenter:
     """Build a :class:`LatentDiffusionSegmenter` from the dict schema in the module docstring."""
     cfg = resolve_model_config(config)
     dim, strides = int(cfg["dim"]), [list(s) for s in cfg["strides"]]
+    head_conditions_denoiser = bool(cfg["segmentation_head"]["condition_denoiser"])
+    if head_conditions_denoiser and not cfg["segmentation_head"]["enabled"]:
+        raise ValueError("segmentation_head.condition_denoiser needs segmentation_head.enabled: true")
     ae, ie, dn = cfg["autoencoder"], cfg["image_encoder"], cfg["denoiser"]
 
     autoencoder = MaskAutoencoder(
@@ -240,7 +284,8 @@ def build_model(config: dict[str, Any]) -> LatentDiffusionSegmenter:
         LatentDenoiserConfig(
             dim=dim,
             latent_channels=int(cfg["latent_channels"]),
-            cond_channels=image_encoder.out_channels_per_scale[-1],
+            cond_channels=image_encoder.out_channels_per_scale[-1]
+            + (int(cfg["latent_channels"]) if head_conditions_denoiser else 0),
             base_channels=int(dn["base_channels"]),
             channel_multipliers=_tuple_or_none(dn["channel_multipliers"]),
             strides=[list(s) for s in dn["strides"]],

@@ -249,11 +249,15 @@ class LatentDiffusionTrainer:
         return loss, parts
 
     def _add_image_segmentation_loss(
-        self, loss: torch.Tensor, parts: dict, features: list[torch.Tensor], seg: torch.Tensor
+        self, loss: torch.Tensor, parts: dict, features: list[torch.Tensor], seg: torch.Tensor,
+        head_logits: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict]:
         """``loss`` plus the weighted CE + Dice of the image encoder's segmentation head
-        (unweighted classes, as the decoded loss): the image pathway's direct gradient."""
-        head_loss, _ = segmentation_loss(self.model.segment_image(features), seg, None, self.config.dice_weight,
+        (unweighted classes, as the decoded loss): the image pathway's direct gradient.
+        ``head_logits``: the head's output when the conditioning already computed it."""
+        if head_logits is None:
+            head_logits = self.model.segment_image(features)
+        head_loss, _ = segmentation_loss(head_logits, seg, None, self.config.dice_weight,
                                          self.ignore_label, batch_sum=self.dist.batch_sum)
         return loss + self.config.image_segmentation_weight * head_loss, parts | {"image_seg_loss": head_loss.detach()}
 
@@ -280,7 +284,7 @@ class LatentDiffusionTrainer:
         t, alpha, sigma = (v.to(self.device, non_blocking=True) for v in (t_host, alpha_host, sigma_host))
         z_t = alpha * z0 + sigma * noise
         features = self.model.image_encoder(data)
-        cond, detail = self.model.split_image_features(features)
+        cond, detail, head_logits = self.model.image_conditioning(features)
         output = self.model.denoise(z_t, t, cond, random_latent=random_latent).float()
         target = training_target(self.parameterization, z0, noise, alpha, sigma)
         latent_weight = None if valid is None else latent_valid_fraction(valid, z0.shape)
@@ -288,7 +292,7 @@ class LatentDiffusionTrainer:
         loss = self.config.latent_loss_weight * latent_loss
         parts = {"latent_loss": latent_loss.detach()}
         if self.model.segmentation_head is not None:
-            loss, parts = self._add_image_segmentation_loss(loss, parts, features, seg)
+            loss, parts = self._add_image_segmentation_loss(loss, parts, features, seg, head_logits)
         extra = self.extra_diffusion_loss(data, z0, z_t, t_host, output)  # a variant's terms (adversarial.py), or None
         if extra is not None:
             loss, parts = loss + extra.loss, parts | extra.parts
