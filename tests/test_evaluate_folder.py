@@ -149,7 +149,18 @@ def test_calibration_from_probabilities_and_uncertainty_maps(toy):
     assert "calibration" not in by_case["case_c"]
     assert summary["calibration_mean"]["ECE_all"] == pytest.approx(0.0, abs=1e-6)
     assert summary["calibration_mean"]["uncertainty_error_AUROC"] == pytest.approx(1.0)
-    assert summary["calibration_num_cases"] == {"ECE_all": 1, "ECE_roi": 1, "uncertainty_error_AUROC": 1, "mi_error_AUROC": 1}
+    assert summary["calibration_num_cases"] == {
+        "ECE_all": 1, "ECE_roi": 1, "uncertainty_error_AUROC": 1, "entropy_error_AUROC": 1, "mi_error_AUROC": 1}
+    assert cal_a["entropy_error_AUROC"] == pytest.approx(1.0)  # without an uncertainty map: the entropy, as for nnU-Net
+
+    # latdiff_predict's uncertainty map, where present, is the one uncertainty_error_AUROC scores
+    write(pred / "case_a_uncertainty.nii.gz", 1.0 - error, dtype=np.float32)
+    summary = evaluate_folder(ref, pred, None, num_processes=1, progress=False)
+    assert summary["num_cases"] == 3  # nor is the _uncertainty file a case
+    cal_a = {c["case_id"]: c for c in summary["metric_per_case"]}["case_a"]["calibration"]
+    assert cal_a["uncertainty_error_AUROC"] == pytest.approx(0.0)
+    assert cal_a["entropy_error_AUROC"] == pytest.approx(1.0)
+    (pred / "case_a_uncertainty.nii.gz").unlink()
 
     # an over-confident wrong voxel shows in ECE: case_a with one-hot probabilities of its prediction
     onehot_a = (np.arange(3)[:, None, None, None] == p_a[None]).astype(np.float32)

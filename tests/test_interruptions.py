@@ -136,7 +136,8 @@ def check_predictions(out: Path, images: list[Path], reference: Path | None = No
     for image in images:
         case = image.name[: -len("_0000.nii.gz")]
         ref = sitk.ReadImage(str(image))
-        for name in (f"{case}.nii.gz", f"{case}_entropy.nii.gz", f"{case}_mutual_information.nii.gz", f"{case}_agreement.nii.gz"):
+        for name in (f"{case}.nii.gz", f"{case}_uncertainty.nii.gz", f"{case}_entropy.nii.gz", f"{case}_mutual_information.nii.gz",
+                     f"{case}_agreement.nii.gz"):
             img = sitk.ReadImage(str(out / name))
             assert img.GetSize() == ref.GetSize(), name
             np.testing.assert_allclose(img.GetOrigin(), ref.GetOrigin(), atol=1e-6)
@@ -144,7 +145,7 @@ def check_predictions(out: Path, images: list[Path], reference: Path | None = No
                 a = sitk.GetArrayFromImage(img)
                 b = sitk.GetArrayFromImage(sitk.ReadImage(str(reference / name)))
                 np.testing.assert_allclose(a, b, atol=1e-5, err_msg=f"{name} differs from an uninterrupted run")
-    produced = {p.name for p in out.glob("[!.]*.nii.gz") if not p.name.endswith(("_entropy.nii.gz", "_mutual_information.nii.gz", "_agreement.nii.gz"))}
+    produced = {p.name for p in out.glob("[!.]*.nii.gz") if not p.name.endswith(("_uncertainty.nii.gz", "_entropy.nii.gz", "_mutual_information.nii.gz", "_agreement.nii.gz"))}
     assert produced == {i.name.replace("_0000.nii.gz", ".nii.gz") for i in images}
     json.loads((out / "prediction_info.json").read_text())
 

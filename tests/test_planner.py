@@ -112,10 +112,21 @@ def test_plan_3d_dataset_has_2d_and_3d_and_fits_budget():
 
 @pytest.mark.parametrize("preset_name", ["tiny", "cpu", "default"])
 def test_every_preset_trains_the_image_encoder_with_its_segmentation_head(preset_name):
-    """The head is what brought the Dice of one sample level with the mean on Hippocampus; a
-    preset that drops it silently loses that."""
+    """The head is what brought the Dice of one sample level with the mean on Hippocampus, and its
+    mask as the denoiser's prior lifted both again; a preset that drops either silently loses that."""
     plans = plan_experiment(fingerprint(), load_preset(preset_name), ["2d"])
-    assert plans["configurations"]["2d"]["network"]["segmentation_head"] == {"enabled": True}
+    assert plans["configurations"]["2d"]["network"]["segmentation_head"] == {"enabled": True, "condition_denoiser": True}
+
+
+def test_multi_rater_data_keep_the_head_out_of_the_denoisers_conditioning():
+    """The head learns the raters' mean; as the denoiser's prior it made LIDC samples worse (one
+    run): plans for data with several raters per case keep it a training loss, and say why."""
+    fp = fingerprint() | {"num_raters": 4}
+    cfg = plan_experiment(fp, load_preset("tiny"), ["2d"])["configurations"]["2d"]
+    assert cfg["network"]["segmentation_head"] == {"enabled": True, "condition_denoiser": False}
+    assert "4 raters" in cfg["network_why"]["segmentation_head.condition_denoiser"]
+    single = plan_experiment(fingerprint(), load_preset("tiny"), ["2d"])["configurations"]["2d"]
+    assert "Hippocampus" in single["network_why"]["segmentation_head.condition_denoiser"]
 
 
 def test_smaller_memory_budget_gives_smaller_patch_or_batch():

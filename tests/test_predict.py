@@ -85,7 +85,7 @@ def test_outputs_keep_exact_input_geometry(oblique_3d, tmp_path):
         case = image.name[: -len("_0000.nii.gz")]
         reference = _geometry(image)
         assert reference[3] != (1, 0, 0, 0, 1, 0, 0, 0, 1)  # the test data really is oblique
-        for name in (f"{case}.nii.gz", f"{case}_entropy.nii.gz", f"{case}_mutual_information.nii.gz",
+        for name in (f"{case}.nii.gz", f"{case}_uncertainty.nii.gz", f"{case}_entropy.nii.gz", f"{case}_mutual_information.nii.gz",
                      f"{case}_agreement.nii.gz", f"{case}_samples/sample_00.nii.gz", f"{case}_samples/sample_03.nii.gz"):
             size, spacing, origin, direction = _geometry(out / name)
             assert size == reference[0], name
@@ -98,6 +98,10 @@ def test_outputs_keep_exact_input_geometry(oblique_3d, tmp_path):
         assert entropy.min() >= 0 and entropy.max() <= np.log(3) + 1e-4
         assert agreement.min() >= 0 and agreement.max() <= 1
         assert np.all(mi <= entropy + 1e-5) and mi.max() > 1e-3  # samples disagree somewhere
+        uncertainty = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}_uncertainty.nii.gz")))
+        # the head's entropy plus the disagreement: never below the disagreement, and not the entropy
+        assert np.all(uncertainty >= mi - 1e-5) and uncertainty.max() <= 2 * np.log(3) + 1e-4
+        assert np.abs(uncertainty - entropy).max() > 1e-3, "the uncertainty map is the samples' entropy: no head used"
         with np.load(out / f"{case}_probabilities.npz", allow_pickle=False) as f:
             probs = f["probabilities"].astype(np.float32)
         assert probs.shape == (3,) + entropy.shape

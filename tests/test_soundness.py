@@ -121,6 +121,23 @@ def test_uncertainty_maps_of_hand_computed_probabilities():
     assert maps["label"].tolist() == [0, 0, 0, 0]  # ties go to the first class
     assert maps["sample_labels"].tolist() == [[0, 0, 0, 0], [1, 0, 0, 1]]
     np.testing.assert_allclose(maps["agreement"], [0.5, 1, 1, 0.5])
+    np.testing.assert_allclose(maps["uncertainty"], maps["entropy"])  # no image head: the entropy
+
+
+def test_uncertainty_map_is_the_image_heads_entropy_plus_the_samples_disagreement():
+    """Two samples sure of the same wrong boundary voxel (voxel 1) have entropy 0 there; the image
+    head, unsure there, makes that voxel the most uncertain one, and disagreement (voxel 0) adds."""
+    sample_a = [[0.0, 1.0, 1.0], [1.0, 0.0, 0.0]]
+    sample_b = [[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]]
+    head = np.array([[0.9, 0.5, 0.99], [0.1, 0.5, 0.01]], np.float32)
+    maps = uncertainty_maps(np.array([sample_a, sample_b], np.float32), head)
+    ln2 = math.log(2)
+    np.testing.assert_allclose(maps["entropy"], [ln2, 0, 0], atol=1e-6)
+    expected = [_entropy(0.9, 0.1) + ln2, ln2, _entropy(0.99, 0.01)]
+    np.testing.assert_allclose(maps["uncertainty"], expected, atol=1e-5)
+    assert maps["label"].tolist() == [0, 0, 0]  # the label still comes from the samples alone
+    with pytest.raises(ValueError, match="do not match"):
+        uncertainty_maps(np.array([sample_a, sample_b], np.float32), head[:, :2])
 
 
 # ----------------------------------------------------------------------------- trainer parts

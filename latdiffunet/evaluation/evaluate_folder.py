@@ -9,8 +9,10 @@ measured, per case:
 * ``CASE_probabilities.npz`` (``probabilities``: ``(K, Z, Y, X)`` mean class probabilities):
   expected calibration error with 15 bins over all voxels (``ECE_all``) and inside
   :func:`~latdiffunet.evaluation.metrics.region_of_interest` (``ECE_roi``);
-* ``CASE_entropy.nii.gz`` / ``CASE_mutual_information.nii.gz``: AUROC of the map as a detector of
-  wrong voxels (``uncertainty_error_AUROC`` / ``mi_error_AUROC``);
+* ``CASE_uncertainty.nii.gz`` / ``CASE_entropy.nii.gz`` / ``CASE_mutual_information.nii.gz``: AUROC
+  of the map as a detector of wrong voxels (``uncertainty_error_AUROC``, from the entropy map when
+  there is no uncertainty map, as for nnU-Net's softmax entropy / ``entropy_error_AUROC`` /
+  ``mi_error_AUROC``);
 * ``CASE_samples/sample_XX<ending>`` (``--save_samples``): per class, the mean Dice of a single
   sample against the reference and the mean Dice between pairs of samples
   (``Dice_single_sample`` / ``Dice_pairwise_samples``, see
@@ -71,8 +73,15 @@ __all__ = [
 #: Confidence bins of the expected calibration error.
 ECE_BINS = 15
 #: Stems of ``latdiff_predict``'s per-case extra files; such files are never cases themselves.
-AUXILIARY_SUFFIXES = ("_entropy", "_mutual_information", "_agreement", "_probabilities")
-CALIBRATION_METRICS = ("ECE_all", "ECE_roi", "uncertainty_error_AUROC", "mi_error_AUROC")
+AUXILIARY_SUFFIXES = ("_uncertainty", "_entropy", "_mutual_information", "_agreement", "_probabilities")
+CALIBRATION_METRICS = ("ECE_all", "ECE_roi", "uncertainty_error_AUROC", "entropy_error_AUROC", "mi_error_AUROC")
+#: Which map each AUROC scores, first existing file wins: a folder without ``_uncertainty`` maps
+#: (nnU-Net's, or predictions by models without a segmentation head) scores its entropy.
+AUROC_MAPS = {
+    "uncertainty_error_AUROC": ("_uncertainty", "_entropy"),
+    "entropy_error_AUROC": ("_entropy",),
+    "mi_error_AUROC": ("_mutual_information",),
+}
 AMBIGUITY_METRICS = (
     "GED", "HM_IoU", "sample_diversity", "rater_diversity", "diversity_ratio", "frequency_map_L1", "frequency_map_soft_dice",
     "sample_diversity_distinct_pairs", "rater_diversity_distinct_pairs",
@@ -255,9 +264,9 @@ def _evaluate_one(job: _CaseJob) -> dict[str, Any]:
             roi &= valid
         calibration["ECE_all"] = expected_calibration_error(prob, ref, ECE_BINS, mask=valid)
         calibration["ECE_roi"] = expected_calibration_error(prob, ref, ECE_BINS, mask=roi)
-    for key, suffix in (("uncertainty_error_AUROC", "_entropy"), ("mi_error_AUROC", "_mutual_information")):
-        map_file = folder / f"{job.case_id}{suffix}.nii.gz"
-        if map_file.is_file():
+    for key, suffixes in AUROC_MAPS.items():
+        map_file = next((f for f in (folder / f"{job.case_id}{s}.nii.gz" for s in suffixes) if f.is_file()), None)
+        if map_file is not None:
             unc = _read_map(map_file, job.ref_file, ref_geo, ref.shape)
             calibration[key] = uncertainty_error_auroc(unc, pred, ref, mask=valid)
     if calibration:

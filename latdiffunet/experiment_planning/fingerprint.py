@@ -211,6 +211,9 @@ def extract_fingerprint(
         "num_channels": num_channels,
         "channel_names": {str(k): v for k, v in spec.channel_names.items()},
         "labels": spec.labels,
+        # several annotations per case (dataset.json "num_raters"): the planner keeps the head's
+        # mask out of the denoiser's conditioning for such data (planner.head_prior_choice)
+        "num_raters": int(spec.num_raters),
         "is_2d_dataset": bool(all(pc["shape_before_crop"][0] == 1 for pc in per_case)),
         "axis_order": "z, y, x (numpy array order); 2D images have z = 1 and z spacing 999",
         "median_spacing": np.median([pc["spacing"] for pc in per_case], axis=0).tolist(),

@@ -223,3 +223,27 @@ def reconstruction_window_predictor(model: torch.nn.Module):
         return model.autoencoder.decode(mu).float().softmax(1)[:, None]
 
     return predict
+
+
+def image_head_window_predictor(model: torch.nn.Module, mirror: bool, amp: bool = False):
+    """``(B, C, *P)`` images -> ``(B, 1, K, *P)`` the segmentation head's class probabilities,
+    averaged over the ``2^dim`` mirrorings when ``mirror`` (as nnU-Net averages its softmax).
+
+    Not a prediction: the head reads the image alone, deterministically, so its probabilities
+    say how ambiguous the image is at each voxel, and :func:`~latdiffunet.inference.uncertainty.uncertainty_maps`
+    uses them as the image part of the uncertainty map. Every mask still comes from samples.
+    """
+
+    def predict(images: torch.Tensor, starts=None) -> torch.Tensor:
+        combos = mirror_combinations(images.ndim - 2) if mirror else [()]
+        total = None
+        with autocast_for(images.device, amp):
+            for axes in combos:
+                flip = [2 + a for a in axes]
+                x = images.flip(flip) if axes else images
+                probs = model.segment_image(model.image_encoder(x)).float().softmax(1)
+                probs = probs.flip(flip) if axes else probs
+                total = probs if total is None else total + probs
+        return (total / len(combos))[:, None]
+
+    return predict

@@ -1,7 +1,7 @@
 """``CASE_montage.png``: one picture of a prediction and its spread, to look at rather than measure.
 
 One row of panels per plane: the image, each rater's annotation (when known), the mean
-segmentation, the predictive entropy, then up to :data:`MAX_SAMPLES` diffusion samples. Label
+segmentation, the uncertainty map (``CASE_uncertainty``), then up to :data:`MAX_SAMPLES` diffusion samples. Label
 maps are drawn as translucent colour overlays on the image, one colour per class (matplotlib's
 ``tab10``, the colours of ``CASE_overlay.png``). A 2D case (``Z == 1``) gives one row; a 3D case
 gives three rows, the axial, coronal and sagittal planes through the centre of the mean
@@ -95,14 +95,14 @@ def _planes(spatial: tuple[int, ...], centre: tuple[int, int, int], spacing: Seq
 def write_montage(
     image: np.ndarray,
     mean_seg: np.ndarray,
-    entropy: np.ndarray,
+    uncertainty: np.ndarray,
     samples: Sequence[np.ndarray] | np.ndarray,
     out_png: str | Path,
     raters: Sequence[np.ndarray] | np.ndarray | None = None,
     labels: Sequence[int] | None = None,
     spacing: Sequence[float] | None = None,
 ) -> tuple[int, int]:
-    """Draw image, raters, mean segmentation, entropy and samples into one PNG, written atomically.
+    """Draw image, raters, mean segmentation, uncertainty and samples into one PNG, written atomically.
 
     Parameters
     ----------
@@ -113,8 +113,8 @@ def write_montage(
     mean_seg : ndarray of int, shape (Z, Y, X)
         The segmentation (label of the mean prediction). ``Z == 1`` is a 2D case; ``(Y, X)``
         arrays are accepted for 2D throughout.
-    entropy : ndarray of float, shape (Z, Y, X)
-        Predictive entropy, drawn from 0 to its maximum over the volume.
+    uncertainty : ndarray of float, shape (Z, Y, X)
+        The uncertainty map, drawn from 0 to its maximum over the volume.
     samples : sequence of ndarray (Z, Y, X)
         Sampled label maps; the first :data:`MAX_SAMPLES` are drawn.
     out_png : path
@@ -147,14 +147,14 @@ def write_montage(
     if spacing is not None and len(spacing) != 3:
         raise ValueError(f"spacing: expected (sz, sy, sx), got {spacing}")
     shown, rgb = _image_for_display(image, spatial)
-    unc = _as_zyx(np.asarray(entropy, dtype=np.float32), spatial, "entropy")
+    unc = _as_zyx(np.asarray(uncertainty, dtype=np.float32), spatial, "uncertainty")
     sample_list = _as_stack(samples, spatial, "samples", MAX_SAMPLES)
     rater_list = _as_stack(raters, spatial, "raters", MAX_RATERS)
     if labels is None:
         labels = sorted({int(v) for m in [seg, *sample_list, *rater_list] for v in np.unique(m)} - {0})
     colours = {int(c): colormaps["tab10"](int(c) % 10)[:3] for c in labels}
 
-    columns = [("image", None)] + [(f"rater {i}", r) for i, r in enumerate(rater_list)] + [("mean", seg), ("entropy", None)]
+    columns = [("image", None)] + [(f"rater {i}", r) for i, r in enumerate(rater_list)] + [("mean", seg), ("uncertainty", None)]
     columns += [(f"sample {i}", s) for i, s in enumerate(sample_list)]
     planes = _planes(spatial, _plane_centre(seg), spacing)
     vmax = max(float(np.nanmax(unc)), 1e-6)
@@ -166,7 +166,7 @@ def write_montage(
         background = shown[index]
         for col, (title, labelmap) in enumerate(columns):
             ax = axes[row, col]
-            if title == "entropy":
+            if title == "uncertainty":
                 ax.imshow(unc[index], cmap="magma", vmin=0.0, vmax=vmax, aspect=aspect, origin=origin, interpolation="nearest")
             else:
                 ax.imshow(background, cmap=None if rgb else "gray", vmin=0.0, vmax=1.0, aspect=aspect, origin=origin,
@@ -178,7 +178,7 @@ def write_montage(
                     overlay[plane == c] = (*colour, OVERLAY_ALPHA)
                 ax.imshow(overlay, aspect=aspect, origin=origin, interpolation="nearest")
             if row == 0:
-                ax.set_title(f"entropy (max {vmax:.2f})" if title == "entropy" else title, fontsize=9)
+                ax.set_title(f"uncertainty (max {vmax:.2f})" if title == "uncertainty" else title, fontsize=9)
             if col == 0 and plane_name:
                 ax.set_ylabel(plane_name, fontsize=9)
             ax.set_xticks([])

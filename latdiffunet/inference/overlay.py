@@ -9,7 +9,7 @@ import numpy as np
 from latdiffunet.utilities.file_io import atomic_path
 
 
-def write_overlay(image_chw: np.ndarray, seg: np.ndarray, entropy: np.ndarray, target: Path) -> None:
+def write_overlay(image_chw: np.ndarray, seg: np.ndarray, uncertainty: np.ndarray, target: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -28,8 +28,8 @@ def write_overlay(image_chw: np.ndarray, seg: np.ndarray, entropy: np.ndarray, t
     for value in sorted(set(np.unique(seg).tolist()) - {0}):
         axes[1].contour(seg == value, levels=[0.5], colors=[plt.cm.tab10(int(value) % 10)], linewidths=1.2)
     axes[1].set_title("segmentation")
-    im = axes[2].imshow(entropy, cmap="magma")
-    axes[2].set_title("predictive entropy")
+    im = axes[2].imshow(uncertainty, cmap="magma")
+    axes[2].set_title("uncertainty")
     fig.colorbar(im, ax=axes[2], fraction=0.046)
     for ax in axes:
         ax.axis("off")

@@ -30,7 +30,7 @@ from latdiffunet.raw_dataset import DatasetSpec, find_cases
 from latdiffunet.utilities.file_io import save_npz, write_json
 from latdiffunet.utilities.parallel import worker_context
 
-UNCERTAINTY_MAPS = ("entropy", "mutual_information", "agreement")
+UNCERTAINTY_MAPS = ("uncertainty", "entropy", "mutual_information", "agreement")
 
 
 class CasesFailed(UserInputError):
@@ -158,12 +158,12 @@ def _export(job: _ExportJob) -> str:
     if job.thumbnail is not None:
         from latdiffunet.inference.overlay import write_overlay
 
-        write_overlay(job.thumbnail, seg[0], originals["entropy"][0], Path(f"{out_base}_overlay.png"))
+        write_overlay(job.thumbnail, seg[0], originals["uncertainty"][0], Path(f"{out_base}_overlay.png"))
     if montage:
         from latdiffunet.inference.montage import write_montage
 
         raters = _read_raters(job.rater_files, geometry) if job.rater_files else None
-        write_montage(job.montage_image, seg, originals["entropy"], montage_samples, Path(f"{out_base}_montage.png"),
+        write_montage(job.montage_image, seg, originals["uncertainty"], montage_samples, Path(f"{out_base}_montage.png"),
                       raters=raters, labels=[int(v) for v in label_values if v != 0], spacing=geometry.spacing_zyx)
     write_segmentation(seg, geometry, f"{out_base}{job.ending}")  # last: marks the case as finished
     return str(out_base)
@@ -246,7 +246,8 @@ def predict_folder(
             except UserInputError as exc:
                 fail(case, exc)
                 continue
-            maps = uncertainty_maps(predictor.sample_probabilities(data, settings, case_id=case))
+            maps = uncertainty_maps(predictor.sample_probabilities(data, settings, case_id=case),
+                                    predictor.image_probabilities(data, settings))
             if not (settings.save_samples or settings.save_montage):
                 maps.pop("sample_labels")
             exports[case] = _submit(pool, _export, _ExportJob(

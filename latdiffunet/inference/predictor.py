@@ -18,7 +18,7 @@ import torch
 from latdiffunet.errors import UserInputError
 from latdiffunet.experiment_planning.planner import load_plans
 from latdiffunet.imageio.sitk_io import ImageGeometry
-from latdiffunet.inference.latent_sampling import DiffusionWindowPredictor, mirroring_enabled
+from latdiffunet.inference.latent_sampling import DiffusionWindowPredictor, image_head_window_predictor, mirroring_enabled
 from latdiffunet.inference.sliding_window import sliding_window_predict
 from latdiffunet.networks import build_model
 from latdiffunet.preprocessing.preprocessor import preprocess_case
@@ -134,3 +134,21 @@ class LatentDiffusionPredictor:
             )
             stacks.append(probs.reshape(settings.steps, settings.num_samples, *probs.shape[1:]) if every_step else probs)
         return np.concatenate(stacks, axis=1 if every_step else 0)
+
+    @torch.no_grad()
+    def image_probabilities(self, data: np.ndarray, settings: PredictionSettings) -> np.ndarray | None:
+        """``(K, *preprocessed)``: the segmentation heads' class probabilities, averaged over folds
+        (and mirrorings, as the samples are), for the image part of the uncertainty map; None when
+        a fold's model has no head (trained before it existed), so its map stays the entropy."""
+        if any(model.segmentation_head is None for model in self.models):
+            return None
+        total = None
+        for model, diffusion in zip(self.models, self.diffusions):
+            mirror = mirroring_enabled(self.configuration, diffusion) if settings.mirror is None else settings.mirror
+            predictor = image_head_window_predictor(model, mirror, amp=settings.amp and self.device.type == "cuda")
+            probs = sliding_window_predict(
+                data, self.configuration["patch_size"], predictor, 1, self.num_classes, self.device,
+                windows_per_batch=settings.windows_per_batch,
+            )[0]
+            total = probs if total is None else total + probs
+        return total / len(self.models)

@@ -48,6 +48,8 @@ def _traced_activation_elements(
 
     def hook(module: nn.Module, _inputs: Any, output: Any) -> None:
         nonlocal total
+        if not torch.is_grad_enabled():  # e.g. the head prior's encoder pass: nothing kept for backward
+            return
         total += _numel(output)
         if isinstance(module, nn.MultiheadAttention):  # attention probabilities [B, h, N, N]
             n = _inputs[0].shape[1]

@@ -217,13 +217,14 @@ class LatentDiffusionSegmenter(nn.Module):
         a boundary falls between two latent voxels it must guess; the head decides it at full
         resolution from the encoder's skip features, as nnU-Net does. Encoded by the autoencoder,
         that decision arrives in the denoiser's own language (a latent of a mask), which the
-        autoencoder can represent to sub-voxel precision. Detached: the head stays a plain
+        autoencoder can represent to sub-voxel precision. Without gradient: the head stays a plain
         segmentation trained by its own loss, never bent into a message for the denoiser; the
         diffusion still draws every sample (on multi-rater data the prior is the raters' mean
         and the samples must spread around it).
         """
         probs = head_logits.detach().float().softmax(1).to(head_logits.dtype)
-        return self.encode_mask(probs)
+        with torch.no_grad():  # a constant for the denoiser: no activations kept for a backward pass
+            return self.encode_mask(probs)
 
     def segment_image(self, features: list[torch.Tensor]) -> torch.Tensor:
         """The image encoder's pyramid -> the segmentation head's logits (a training loss, and the

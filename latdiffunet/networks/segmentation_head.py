@@ -1,4 +1,4 @@
-"""A direct segmentation head on the image encoder, for training only (deep supervision).
+"""A direct segmentation head on the image encoder: deep supervision, and the denoiser's prior.
 
 The image encoder learns, without this head, only through the denoiser: its features reach a
 loss after the denoiser has mixed them with a noisy latent, and at low noise levels the denoiser
@@ -9,8 +9,12 @@ block), ending in class logits at the image's resolution, trained with the same 
 every decoded mask. It also lets the image encoder learn during the autoencoder stage, when it
 otherwise sits idle.
 
-Prediction never runs it: every mask a user sees still comes from a diffusion sample. A model
-whose plans have no head builds exactly as before.
+With ``segmentation_head.condition_denoiser`` (on in the presets) its mask, encoded by the mask
+autoencoder, is also part of the denoiser's conditioning
+(:meth:`~latdiffunet.networks.model.LatentDiffusionSegmenter.head_prior`): the one place where
+the image is read at full resolution now informs every sample. Either way the head's own mask is
+never shown to a user: every mask they see comes from a diffusion sample. A model whose plans have
+no head builds exactly as before.
 """
 
 from __future__ import annotations
