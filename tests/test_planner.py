@@ -119,8 +119,8 @@ def test_every_preset_trains_the_image_encoder_with_its_segmentation_head(preset
 
 
 def test_multi_rater_data_keep_the_head_out_of_the_denoisers_conditioning():
-    """The head learns the raters' mean; as the denoiser's prior it made LIDC samples worse (one
-    run): plans for data with several raters per case keep it a training loss, and say why."""
+    """The head learns the raters' mean; as the denoiser's prior it cost LIDC Dice (one run, mixed
+    otherwise): plans for data with several raters per case keep it a training loss, and say why."""
     fp = fingerprint() | {"num_raters": 4}
     cfg = plan_experiment(fp, load_preset("tiny"), ["2d"])["configurations"]["2d"]
     assert cfg["network"]["segmentation_head"] == {"enabled": True, "condition_denoiser": False}
