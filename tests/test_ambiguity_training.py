@@ -82,6 +82,9 @@ def test_samples_cover_both_rater_modes(two_mode_dataset):
 
     pre = two_mode_dataset["pre"] / "Dataset905_TwoModes"
     plans = json.loads((pre / "latdiffPlans_tiny.json").read_text())
+    # the raters reach the plans: the head's mask stays out of the denoiser's conditioning here
+    assert json.loads((pre / "dataset_fingerprint.json").read_text())["num_raters"] == NUM_RATERS
+    assert plans["configurations"]["2d"]["network"]["segmentation_head"]["condition_denoiser"] is False
     cases = sorted(p.stem for p in (pre / "latdiffPlans_tiny_2d").glob("*.npz"))
     config = TrainerConfig(
         autoencoder_epochs=3, diffusion_epochs=12, iterations_per_epoch=25, validation_every=1000, learning_rate=2e-3,

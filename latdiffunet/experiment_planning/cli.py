@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
                     path=fingerprint_file, fix="rerun with --clean to recompute it",
                 )
             print(f"{name}: reusing {fingerprint_file} (--clean recomputes it)")
+            # written before fingerprints recorded it: dataset.json is the source anyway
+            fingerprint.setdefault("num_raters", int(spec.num_raters))
         else:
             fingerprint = extract_fingerprint(spec, args.num_processes, keep=read_cases)
             write_json(fingerprint, fingerprint_file)

@@ -86,7 +86,8 @@ MODEL_DEFAULTS: dict[str, Any] = {
     },
     # Off by default so that a checkpoint whose stored config predates the head rebuilds as it was.
     "refinement": {"enabled": False, "channels": 16, "blocks": 2},
-    # Off by default for the same reason; it only adds a training loss (networks/segmentation_head.py).
+    # Off by default for the same reason (networks/segmentation_head.py: a training loss, and optionally the
+    # denoiser's prior).
     "segmentation_head": {"enabled": False, "condition_denoiser": False},
 }
 _REQUIRED = ("dim", "in_channels", "num_classes")
