@@ -458,7 +458,7 @@ def network_config(
         # and of one sample from 0.809 to 0.841 (README, "Results so far")
         "segmentation_head": {
             "enabled": bool(n.get("image_segmentation_head", False)),
-            "condition_denoiser": bool(n.get("image_segmentation_head", False) and head_prior),
+            "condition_denoiser": bool(head_prior),  # head_prior_choice requires the head
         },
     }
 

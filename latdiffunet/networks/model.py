@@ -223,9 +223,8 @@ class LatentDiffusionSegmenter(nn.Module):
         diffusion still draws every sample (on multi-rater data the prior is the raters' mean
         and the samples must spread around it).
         """
-        probs = head_logits.detach().float().softmax(1).to(head_logits.dtype)
-        with torch.no_grad():  # a constant for the denoiser: no activations kept for a backward pass
-            return self.encode_mask(probs)
+        with torch.no_grad():  # a constant for the denoiser: no graph, no activations kept for backward
+            return self.encode_mask(head_logits.float().softmax(1).to(head_logits.dtype))
 
     def segment_image(self, features: list[torch.Tensor]) -> torch.Tensor:
         """The image encoder's pyramid -> the segmentation head's logits (a training loss, and the
