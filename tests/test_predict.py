@@ -205,7 +205,7 @@ def test_cases_sampled_before_a_crash_are_still_written(oblique_3d, tmp_path, mo
     """A crash (a bug, Ctrl-C) at one case never cancels the pending exports of the cases before it."""
     run = oblique_3d["res"] / "Dataset902_Oblique" / RUN.format("3d")
     predictor = LatentDiffusionPredictor(run, ["0"], torch.device("cpu"))
-    sample, calls = predictor.sample_probabilities, []
+    sample, calls = predictor.sample_and_image_probabilities, []
 
     def crash_at_third_case(data, settings, **kwargs):
         calls.append(len(calls))
@@ -213,7 +213,7 @@ def test_cases_sampled_before_a_crash_are_still_written(oblique_3d, tmp_path, mo
             raise RuntimeError("crash at the third case")
         return sample(data, settings, **kwargs)
 
-    monkeypatch.setattr(predictor, "sample_probabilities", crash_at_third_case)
+    monkeypatch.setattr(predictor, "sample_and_image_probabilities", crash_at_third_case)
     out = tmp_path / "pred"
     with pytest.raises(RuntimeError, match="third case"):
         predict_folder(oblique_3d["raw"] / "Dataset902_Oblique" / "imagesTr", out, predictor, PredictionSettings(1, 1),

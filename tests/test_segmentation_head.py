@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -203,3 +204,41 @@ def test_prediction_with_the_prior_runs_the_head_once_per_image_not_per_step():
     assert out.shape == (1, 3, 3, 32, 32)
     assert len(calls) == 1
     assert (out[0, 0] - out[0, 1]).abs().max() > 1e-3, "samples of one image are identical"
+
+
+@pytest.mark.parametrize("prior", [False, True])
+def test_one_pass_gives_the_samples_and_the_heads_probabilities_over_every_mirroring(prior):
+    """The uncertainty map's image part (the head's softmax averaged over all 2^dim mirrorings)
+    comes from the sliding-window pass that draws the samples; the samples must be exactly those
+    of a pass without it, and the head's average must cover every mirroring even when there are
+    fewer samples (3) than mirrorings (4)."""
+    from latdiffunet.inference.latent_sampling import DiffusionWindowPredictor, mirror_combinations
+    from latdiffunet.inference.sliding_window import sliding_window_predict
+
+    torch.manual_seed(0)
+    model = build_model(_with_prior() if prior else _with_head()).eval()
+    torch.nn.init.normal_(model.denoiser.out[-1].weight, std=0.1)  # zero-initialised: every sample would be x0 = 0
+    diffusion = {"schedule": "cosine", "training_steps": 100, "parameterization": "x0", "noise_scale": 1.0}
+    volume = torch.randn(1, 1, 40, 44).numpy()  # (C, Z, Y, X): several overlapping 32 x 32 windows
+    samples = 3
+
+    def stitched(predictor, outputs):
+        with torch.no_grad():
+            return sliding_window_predict(volume, [32, 32], predictor, outputs, 3, torch.device("cpu"))
+
+    plain = stitched(DiffusionWindowPredictor(model, diffusion, samples, 2, torch.Generator().manual_seed(1), mirror=True), samples)
+    both = stitched(DiffusionWindowPredictor(model, diffusion, samples, 2, torch.Generator().manual_seed(1), mirror=True,
+                                             with_image_head=True), samples + 1)
+
+    def head_over_every_mirroring(images, starts=None):
+        total = 0
+        for axes in mirror_combinations(2):
+            flip = [2 + a for a in axes]
+            x = images.flip(flip) if axes else images
+            probs = model.segment_image(model.image_encoder(x)).softmax(1)
+            total = total + (probs.flip(flip) if axes else probs)
+        return (total / 4)[:, None]
+
+    assert np.array_equal(both[:samples], plain), "the samples changed when the head's probabilities came along"
+    np.testing.assert_allclose(both[samples], stitched(head_over_every_mirroring, 1)[0], atol=1e-6)
+    assert (plain[0] - plain[1]).__abs__().max() > 1e-3, "samples of one image are identical"

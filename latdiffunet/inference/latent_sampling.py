@@ -124,12 +124,23 @@ class DiffusionWindowPredictor:
     ``mirror``: test-time mirroring as samples (module docstring); None (the default) takes the
     ``test_time_mirroring`` of the sampling settings ``diffusion`` (the trainer writes it; off when
     absent). With one sample it changes nothing.
+
+    ``with_image_head=True`` appends one more entry, ``(B, S + 1, K, *P)``: the segmentation
+    head's class probabilities, averaged over every mirroring when ``mirror`` (as nnU-Net averages
+    its softmax), for the image part of the uncertainty map. The
+    head reads the encoder features the samples are conditioned on (and with the head prior it has
+    already run for the conditioning), so one sliding-window pass gives both instead of a second
+    pass over the case.
     """
 
     def __init__(self, model: torch.nn.Module, diffusion: dict, num_samples: int, num_steps: int,
                  generator: torch.Generator | None = None, eta: float | None = None, amp: bool = False,
-                 noise_scale: float | None = None, every_step: bool = False, mirror: bool | None = None):
+                 noise_scale: float | None = None, every_step: bool = False, mirror: bool | None = None,
+                 with_image_head: bool = False):
+        if with_image_head and (every_step or getattr(model, "segmentation_head", None) is None):
+            raise ValueError("with_image_head needs a model with a segmentation head and every_step=False")
         self.model = model
+        self.with_image_head = with_image_head
         self.mirror = bool(diffusion.get("test_time_mirroring", False) if mirror is None else mirror)
         self.every_step = every_step
         # Scale of the starting noise and random latent (sampling temperature), calibrated on the
@@ -158,7 +169,7 @@ class DiffusionWindowPredictor:
     def __call__(self, images: torch.Tensor, starts: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
         b, s = images.shape[0], self.num_samples
         combos = mirror_combinations(images.ndim - 2)[:s] if self.mirror else [()]
-        cond, detail = self._condition(images, combos)
+        cond, detail, head_probs = self._condition(images, combos)
         latent_shape = tuple(cond.shape[2:])
         if self.noise is not None and starts is not None:
             x_T = self.noise.crop(starts, latent_shape).to(images.device)
@@ -193,17 +204,38 @@ class DiffusionWindowPredictor:
             per_step = torch.stack([p.view(b, s, *p.shape[1:]) for p in steps], 1)
             return per_step.flatten(1, 2)
         probs = decode(z0)
-        return probs.view(b, s, *probs.shape[1:])
+        probs = probs.view(b, s, *probs.shape[1:])
+        if head_probs is not None:
+            probs = torch.cat([probs, head_probs[:, None]], 1)
+        return probs
 
-    def _condition(self, images: torch.Tensor, combos: list[tuple[int, ...]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _condition(
+        self, images: torch.Tensor, combos: list[tuple[int, ...]]
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Image features of every sample, window-major ``(B * S, ...)``: sample ``s`` gets those of
-        its window mirrored along ``combos[s % M]`` (one encoder pass per combination)."""
+        its window mirrored along ``combos[s % M]`` (one encoder pass per combination); and with
+        ``with_image_head`` the head's probabilities ``(B, K, *P)``, mirrored back and averaged over
+        every combination of axes when mirroring (the samples' combinations are among them)."""
         b, s = images.shape[0], self.num_samples
-        per_combo = []
+        passes = combos
+        if self.with_image_head and self.mirror:
+            passes = mirror_combinations(images.ndim - 2)  # combos is their first len(combos): the same passes first
+        per_combo, head_total = [], None
         with autocast_for(images.device, self.amp):
-            for axes in combos:
-                flipped = images.flip([2 + a for a in axes]) if axes else images
-                per_combo.append(self.model.condition_and_detail(flipped))
+            for axes in passes:
+                flip = [2 + a for a in axes]
+                flipped = images.flip(flip) if axes else images
+                if not self.with_image_head:
+                    per_combo.append(self.model.condition_and_detail(flipped))
+                    continue
+                features = self.model.image_encoder(flipped)
+                cond, detail, logits = self.model.image_conditioning(features)  # logits: the prior's, else None
+                per_combo.append((cond, detail))
+                head = (self.model.segment_image(features) if logits is None else logits).float().softmax(1)
+                head = head.flip(flip) if axes else head
+                head_total = head if head_total is None else head_total + head
+        head_probs = None if head_total is None else head_total / len(passes)
+        per_combo = per_combo[: len(combos)]
         index = torch.tensor([k % len(combos) for k in range(s)], device=images.device)
 
         def gather(features: list[torch.Tensor]) -> torch.Tensor:  # (M, B, ...) -> (B * S, ...)
@@ -212,7 +244,7 @@ class DiffusionWindowPredictor:
 
         cond = gather([c for c, _ in per_combo])
         detail = None if per_combo[0][1] is None else gather([d for _, d in per_combo])  # the refinement head's input
-        return cond, detail
+        return cond, detail, head_probs
 
 
 def reconstruction_window_predictor(model: torch.nn.Module):
@@ -221,29 +253,5 @@ def reconstruction_window_predictor(model: torch.nn.Module):
     def predict(onehot: torch.Tensor, starts=None) -> torch.Tensor:
         mu, _ = model.autoencoder.encode(onehot)
         return model.autoencoder.decode(mu).float().softmax(1)[:, None]
-
-    return predict
-
-
-def image_head_window_predictor(model: torch.nn.Module, mirror: bool, amp: bool = False):
-    """``(B, C, *P)`` images -> ``(B, 1, K, *P)`` the segmentation head's class probabilities,
-    averaged over the ``2^dim`` mirrorings when ``mirror`` (as nnU-Net averages its softmax).
-
-    Not a prediction: the head reads the image alone, deterministically, so its probabilities
-    say how ambiguous the image is at each voxel, and :func:`~latdiffunet.inference.uncertainty.uncertainty_maps`
-    uses them as the image part of the uncertainty map. Every mask still comes from samples.
-    """
-
-    def predict(images: torch.Tensor, starts=None) -> torch.Tensor:
-        combos = mirror_combinations(images.ndim - 2) if mirror else [()]
-        total = None
-        with autocast_for(images.device, amp):
-            for axes in combos:
-                flip = [2 + a for a in axes]
-                x = images.flip(flip) if axes else images
-                probs = model.segment_image(model.image_encoder(x)).float().softmax(1)
-                probs = probs.flip(flip) if axes else probs
-                total = probs if total is None else total + probs
-        return (total / len(combos))[:, None]
 
     return predict

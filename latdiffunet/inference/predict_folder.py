@@ -246,8 +246,7 @@ def predict_folder(
             except UserInputError as exc:
                 fail(case, exc)
                 continue
-            maps = uncertainty_maps(predictor.sample_probabilities(data, settings, case_id=case),
-                                    predictor.image_probabilities(data, settings))
+            maps = uncertainty_maps(*predictor.sample_and_image_probabilities(data, settings, case_id=case))
             if not (settings.save_samples or settings.save_montage):
                 maps.pop("sample_labels")
             exports[case] = _submit(pool, _export, _ExportJob(
