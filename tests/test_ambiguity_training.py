@@ -82,9 +82,10 @@ def test_samples_cover_both_rater_modes(two_mode_dataset):
 
     pre = two_mode_dataset["pre"] / "Dataset905_TwoModes"
     plans = json.loads((pre / "latdiffPlans_tiny.json").read_text())
-    # the raters reach the plans: the head's mask stays out of the denoiser's conditioning here
+    # the raters reach the plans, and the head's mask (the raters' mean: both discs at about 0.5)
+    # conditions the denoiser here too: the samples must still split into the two modes
     assert json.loads((pre / "dataset_fingerprint.json").read_text())["num_raters"] == NUM_RATERS
-    assert plans["configurations"]["2d"]["network"]["segmentation_head"]["condition_denoiser"] is False
+    assert plans["configurations"]["2d"]["network"]["segmentation_head"]["condition_denoiser"] is True
     cases = sorted(p.stem for p in (pre / "latdiffPlans_tiny_2d").glob("*.npz"))
     config = TrainerConfig(
         autoencoder_epochs=3, diffusion_epochs=12, iterations_per_epoch=25, validation_every=1000, learning_rate=2e-3,
