@@ -77,3 +77,42 @@ def test_fraction_one_validates_on_the_plans_schedule():
     pacer = ValidationPacer(every=2, max_cases=10, max_fraction=1.0)
     assert pacer.plan(0, "diffusion", False) is None
     assert pacer.plan(1, "diffusion", False).num_cases == 10 and pacer.plan(1, "diffusion", False).time_limit is None
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory):
+    from synthetic import planned_tiny_dataset
+
+    yield from planned_tiny_dataset(tmp_path_factory.mktemp("pacing"), "Dataset908_Pacing2D", seed=8)
+
+
+def test_an_epoch_the_budget_makes_last_after_it_ran_is_validated(planned, monkeypatch):
+    """The budget decides after an epoch that it was the last: that epoch is still its stage's
+    last, so it is validated. Otherwise checkpoint_best stays at an earlier epoch and the epochs
+    after it are never compared (a CVC-ClinicDB run reported epoch 4 of 7 so)."""
+    import json
+
+    import torch
+
+    from latdiffunet.training.config import TrainerConfig
+    from latdiffunet.training.trainer import LatentDiffusionTrainer
+
+    pre = planned / "pre" / "Dataset908_Pacing2D"
+    plans = json.loads((pre / "latdiffPlans_tiny.json").read_text())
+    splits = json.loads((pre / "splits_final.json").read_text())
+    config = TrainerConfig(autoencoder_epochs=1, diffusion_epochs=4, iterations_per_epoch=2, validation_every=100,
+                           validation_max_time_fraction=1.0, batch_size=4, num_workers=0, augment=False,
+                           calibrate_noise_scale=False, time_budget_minutes=60)
+    trainer = LatentDiffusionTrainer(plans, "2d", 0, pre, planned / "res" / "pacing", torch.device("cpu"), config, splits)
+
+    def budget_runs_out_after_epoch_2(stage):  # epochs 0 (autoencoder), 1, 2 (diffusion) fit, not 3 and 4
+        if trainer.epoch == 3:
+            trainer.config = trainer.config.with_overrides(diffusion_epochs=2)
+
+    monkeypatch.setattr(trainer, "_fit_epochs_to_budget", budget_runs_out_after_epoch_2)
+    monkeypatch.setattr(trainer, "final_validation", lambda: {})
+    trainer.run()
+    rows = json.loads((planned / "res" / "pacing" / "metrics.json").read_text())
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    assert "val_dice" in rows[2], "the last epoch trained, cut by the budget, was never validated"
+    assert "val_dice" not in rows[1], "only stage ends are candidates with validation_every=100"

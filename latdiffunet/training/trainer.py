@@ -704,6 +704,28 @@ class LatentDiffusionTrainer:
         means = self.dist.mean_over_ranks(torch.stack([sums[k].float() / counts[k] for k in keys]))
         return dict(zip(keys, means.tolist()))
 
+    def _periodic_validation(self, epoch: int, stage: str, metrics: dict, last_of_stage: bool) -> None:
+        """Validate the model after ``epoch`` on the periodic cases when the pacer says so (never
+        twice for one epoch), recording into ``metrics``; every rank reaches the barrier, where the
+        others wait for rank 0's validation instead of inside the next all-reduce."""
+        candidate = self.periodic_cases and self.dist.is_main and "validation_time" not in metrics
+        call = self.validation_pacer.plan(epoch, stage, last_of_stage) if candidate else None
+        if call is not None and call.note:
+            self.logger.log(call.note)
+        if call is not None and call.num_cases:
+            validation_start = time.time()
+            summary = self.validate(stage, num_cases=call.num_cases, time_limit=call.time_limit)
+            metrics["validation_time"] = time.time() - validation_start
+            self._record_validation(stage, metrics["validation_time"], len(summary["metric_per_case"]))
+            dice = summary["foreground_mean"]["Dice"]
+            metrics["val_reconstruction_dice" if stage == "autoencoder" else "val_dice"] = dice
+            if "single_sample_foreground_dice" in summary:
+                metrics["val_dice_one_sample"] = summary["single_sample_foreground_dice"]
+            if stage == "diffusion" and dice > self.best_val_dice and self.held_back.active:
+                self.best_val_dice = dice
+                metrics["new_best"] = True
+        self.dist.barrier()
+
     def _run_epoch(self) -> None:
         stage = self.config.stage_of(self.epoch)
         # this epoch's noise levels, noise and sampler draws: seeded like its batches, so a resumed
@@ -727,27 +749,20 @@ class LatentDiffusionTrainer:
         metrics = {"epoch": self.epoch, "stage": stage, "lr": lr, "train_loss": losses.pop("loss")} | losses
         last_epoch_of_stage = self.epoch + 1 in (self.config.autoencoder_epochs, self.config.total_epochs)
         self.validation_pacer.record_training(time.time() - start)
-        call = self.validation_pacer.plan(self.epoch, stage, last_epoch_of_stage) if self.periodic_cases and self.dist.is_main else None
-        if call is not None and call.note:
-            self.logger.log(call.note)
-        if call is not None and call.num_cases:
-            validation_start = time.time()
-            summary = self.validate(stage, num_cases=call.num_cases, time_limit=call.time_limit)
-            metrics["validation_time"] = time.time() - validation_start
-            self._record_validation(stage, metrics["validation_time"], len(summary["metric_per_case"]))
-            dice = summary["foreground_mean"]["Dice"]
-            metrics["val_reconstruction_dice" if stage == "autoencoder" else "val_dice"] = dice
-            if "single_sample_foreground_dice" in summary:
-                metrics["val_dice_one_sample"] = summary["single_sample_foreground_dice"]
-            if stage == "diffusion" and dice > self.best_val_dice and self.held_back.active:
-                self.best_val_dice = dice
-                metrics["new_best"] = True
-        self.dist.barrier()  # the other ranks wait for rank 0's validation here, not inside the next all-reduce
+        self._periodic_validation(self.epoch, stage, metrics, last_epoch_of_stage)
         metrics["epoch_time"] = time.time() - start
         self.epoch += 1
         if self.config.time_budget_minutes is not None:
             self._epoch_times.setdefault(stage, []).append(metrics["epoch_time"])
             self._fit_epochs_to_budget(stage)
+            if not last_epoch_of_stage and self.epoch in (self.config.autoencoder_epochs, self.config.total_epochs):
+                # The budget made this epoch its stage's last only after it ran: validate it as the
+                # last of its stage now. Otherwise checkpoint_best stays at an earlier epoch and the
+                # epochs after it are never compared (a CVC-ClinicDB run reported its epoch 4 of 7,
+                # before any epoch with the sample loss). The same decision on every rank (the
+                # budget's is broadcast), so the barrier inside is reached by all.
+                last_epoch_of_stage = True
+                self._periodic_validation(self.epoch - 1, stage, metrics, last_of_stage=True)
         # history first: a kill between the two loses nothing (resume trims rows past the checkpoint)
         self.logger.record_epoch(metrics)
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and k not in ("lr",))
