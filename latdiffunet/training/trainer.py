@@ -704,6 +704,11 @@ class LatentDiffusionTrainer:
         means = self.dist.mean_over_ranks(torch.stack([sums[k].float() / counts[k] for k in keys]))
         return dict(zip(keys, means.tolist()))
 
+    def _ends_a_stage(self, epochs_done: int) -> bool:
+        """Whether a run that has trained ``epochs_done`` epochs has just finished a stage (by the
+        current plan, which the budget may change after an epoch)."""
+        return epochs_done in (self.config.autoencoder_epochs, self.config.total_epochs)
+
     def _periodic_validation(self, epoch: int, stage: str, metrics: dict, last_of_stage: bool) -> None:
         """Validate the model after ``epoch`` on the periodic cases when the pacer says so (never
         twice for one epoch), recording into ``metrics``; every rank reaches the barrier, where the
@@ -747,7 +752,7 @@ class LatentDiffusionTrainer:
         losses = self.train_iterations(stage, start)
         self.shutdown()  # the next epoch starts its own stream (see batch_stream); no workers during validation
         metrics = {"epoch": self.epoch, "stage": stage, "lr": lr, "train_loss": losses.pop("loss")} | losses
-        last_epoch_of_stage = self.epoch + 1 in (self.config.autoencoder_epochs, self.config.total_epochs)
+        last_epoch_of_stage = self._ends_a_stage(self.epoch + 1)
         self.validation_pacer.record_training(time.time() - start)
         self._periodic_validation(self.epoch, stage, metrics, last_epoch_of_stage)
         metrics["epoch_time"] = time.time() - start
@@ -755,7 +760,7 @@ class LatentDiffusionTrainer:
         if self.config.time_budget_minutes is not None:
             self._epoch_times.setdefault(stage, []).append(metrics["epoch_time"])
             self._fit_epochs_to_budget(stage)
-            if not last_epoch_of_stage and self.epoch in (self.config.autoencoder_epochs, self.config.total_epochs):
+            if not last_epoch_of_stage and self._ends_a_stage(self.epoch):
                 # The budget made this epoch its stage's last only after it ran: validate it as the
                 # last of its stage now. Otherwise checkpoint_best stays at an earlier epoch and the
                 # epochs after it are never compared (a CVC-ClinicDB run reported its epoch 4 of 7,
