@@ -8,6 +8,8 @@ The last test (slow, real data) guards the reference plans of the shared 2D mult
 
 from __future__ import annotations
 
+import copy
+
 import configparser
 import json
 import os
@@ -334,6 +336,24 @@ def test_small_2d_dataset_gets_whole_image_patch_and_batch_floor():
     preset["gpu_memory_budget_gb"] = 0.05
     small = plan_experiment(fp, preset)["configurations"]["2d"]
     assert small["batch_size"] <= max(small["patch_and_batch_why"]["batch_by_memory"], preset["batch_size"]["min"])
+
+
+def test_cpu_plans_cap_the_voxels_a_step_trains_on_and_gpu_plans_do_not():
+    """CPU presets size the batch by the time a step takes (voxels), GPU presets by memory: a
+    Hippocampus-like 3d dataset gets 4 patches of 32^3 from ``tiny`` where memory allowed 12."""
+    fp = fingerprint(shape=(36, 50, 35), p05_mm=(11.0, 13.0, 18.0), n=260)
+    tiny = load_preset("tiny")
+    cfg = plan_experiment(fp, tiny)["configurations"]["3d"]
+    why = cfg["patch_and_batch_why"]
+    cap = tiny["batch_size"]["max_voxels_per_step"]
+    assert cfg["batch_size"] == why["batch_by_voxels_per_step"] == cap // int(np.prod(cfg["patch_size"]))
+    assert why["batch_by_memory"] > cfg["batch_size"], "memory alone would have allowed a larger batch"
+    assert f"{cap} voxels per step" in why["batch_why"] and why["voxels_per_step_evidence"]
+    uncapped = copy.deepcopy(tiny)
+    del uncapped["batch_size"]["max_voxels_per_step"]
+    assert plan_experiment(fp, uncapped)["configurations"]["3d"]["batch_size"] > cfg["batch_size"]
+    for name, gpu_cfg in plan_experiment(fp, load_preset("default"))["configurations"].items():
+        assert "batch_by_voxels_per_step" not in gpu_cfg["patch_and_batch_why"], name
 
 
 def _large_object_cases(size: int, n=16, shape=(1, 256, 256)) -> list[np.ndarray]:

@@ -35,7 +35,9 @@ def simulate(epochs: int, epoch_seconds: float, case_seconds: float, every: int 
 ])
 def test_validation_stays_within_a_tenth_of_the_time(epoch_seconds, case_seconds):
     pacer, done = simulate(200, epoch_seconds, case_seconds, stage_change=40)
-    assert pacer.validation_seconds <= 0.1 * (pacer.training_seconds + pacer.validation_seconds) + 1e-9
+    last_of_stages = sum(n * case_seconds for epoch, n in done if epoch + 1 in (40, 200))  # validated whatever the share
+    assert pacer.validation_seconds - last_of_stages <= 0.1 * (pacer.training_seconds + pacer.validation_seconds) + 1e-9
+    assert (39, pacer.cases["autoencoder"]) in done and (199, pacer.cases["diffusion"]) in done
     assert len(done) >= 3, "pacing must not starve validation"
     for stage_cases in pacer.cases.values():  # every validation of a stage uses the same cases
         assert stage_cases >= 1
@@ -48,15 +50,16 @@ def test_cheap_validation_keeps_the_plans_schedule_and_all_cases():
     assert done == [(e, 10) for e in range(4, 50, 5)]
 
 
-def test_expensive_first_validation_is_shrunk_and_later_ones_skipped_with_a_reason():
+def test_expensive_first_validation_is_shrunk_and_later_ones_skipped_but_never_a_stages_last():
     pacer = ValidationPacer(every=1, max_cases=10)
     pacer.record_training(16.0)
     first = pacer.plan(0, "diffusion", last_of_stage=False)
     assert first.num_cases == 10 and first.time_limit == pytest.approx(16.0 / 9)
     pacer.record_validation("diffusion", 17.0, 1)  # the first case already used up the limit
     pacer.record_training(16.0)
-    second = pacer.plan(1, "diffusion", last_of_stage=True)
+    second = pacer.plan(1, "diffusion", last_of_stage=False)
     assert second.num_cases == 0 and "skipped" in second.note and "limit 10 %" in second.note
+    assert pacer.plan(1, "diffusion", last_of_stage=True).num_cases == 1, "the stage's last epoch must be validated"
     assert pacer.plan(2, "autoencoder", last_of_stage=False).time_limit is not None  # each stage measures its own cost
 
 
@@ -116,3 +119,42 @@ def test_an_epoch_the_budget_makes_last_after_it_ran_is_validated(planned, monke
     assert [r["epoch"] for r in rows] == [0, 1, 2]
     assert "val_dice" in rows[2], "the last epoch trained, cut by the budget, was never validated"
     assert "val_dice" not in rows[1], "only stage ends are candidates with validation_every=100"
+
+
+def test_the_budget_leaves_time_for_choosing_the_temperature(planned):
+    """Choosing the temperature after training samples every held-back case at 5 temperatures;
+    the budget must cover it (a 15-minute Hippocampus 3d run spent 200 s on it after its training
+    had used the budget). Its cost is estimated from the last diffusion validation's time per case."""
+    import json
+
+    import torch
+
+    from latdiffunet.training.config import TrainerConfig
+    from latdiffunet.training.held_back import HeldBackSelection
+    from latdiffunet.training.sampling_calibration import NOISE_SCALES
+    from latdiffunet.training.trainer import LatentDiffusionTrainer
+
+    pre = planned / "pre" / "Dataset908_Pacing2D"
+    plans = json.loads((pre / "latdiffPlans_tiny.json").read_text())
+    splits = json.loads((pre / "splits_final.json").read_text())
+
+    def diffusion_epochs_fitted(calibrate: bool) -> int:
+        config = TrainerConfig(autoencoder_epochs=1, diffusion_epochs=100, iterations_per_epoch=2, batch_size=4,
+                               num_workers=0, augment=False, calibrate_noise_scale=calibrate, time_budget_minutes=10)
+        held_back = HeldBackSelection(cases=tuple(splits[0]["train"][:2]), groups=(), grouped_by=None, reason="test")
+        trainer = LatentDiffusionTrainer(plans, "2d", 0, pre, planned / "res" / f"budget{calibrate}", torch.device("cpu"),
+                                         config, splits, held_back=held_back)
+        assert trainer.held_back.active
+        assert trainer._expected_calibration_seconds() == 0.0  # nothing measured yet
+        trainer.validation_pacer.record_validation("diffusion", 6.0, 2)  # 3 s per case
+        expected = len(NOISE_SCALES) * len(trainer._calibration_cases()) * 3.0
+        assert trainer._expected_calibration_seconds() == pytest.approx(expected if calibrate else 0.0)
+        trainer.epoch = 2
+        trainer._epoch_times = {"autoencoder": [10.0], "diffusion": [10.0]}
+        trainer._plan_epochs = (1, 100)
+        trainer.training_seconds = lambda: 20.0
+        trainer._fit_epochs_to_budget("diffusion")
+        return trainer.config.diffusion_epochs
+
+    with_calibration, without = diffusion_epochs_fitted(True), diffusion_epochs_fitted(False)
+    assert without - with_calibration >= 1, "the budget ignored the time the temperature choice takes"

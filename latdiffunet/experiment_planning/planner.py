@@ -378,6 +378,27 @@ def strides_from_exponents(ks: list[int]) -> list[list[int]]:
     return [[2 if stage >= stages - k else 1 for k in ks] for stage in range(stages)]
 
 
+# Why CPU plans cap the voxels per step (tiny preset: 131072 = 4 patches of 32^3 or 8 of 128 x 128).
+VOXELS_PER_STEP_WHY = (
+    "on a CPU a step's time grows with the voxels it trains on, so under a wall-clock budget a larger batch buys "
+    "fewer optimiser steps, not faster learning"
+)
+
+
+def batch_by_step_cost(batch_config: dict, patch: np.ndarray) -> tuple[int | None, str]:
+    """The batch allowed by the preset's ``max_voxels_per_step`` (CPU presets), and the term it adds
+    to ``batch_why``; None (and no term) for presets without the key.
+
+    A GPU batch is sized to fill memory because a GPU runs a larger batch in nearly the same time;
+    a CPU runs it proportionally slower, so memory is the wrong measure there.
+    """
+    cap = batch_config.get("max_voxels_per_step")
+    if not cap:
+        return None, ""
+    by_cost = max(1, int(cap // int(np.prod(patch))))
+    return by_cost, f"{cap} voxels per step / patch {int(np.prod(patch))} = {by_cost} ({VOXELS_PER_STEP_WHY}), "
+
+
 def denoiser_strides(latent_size: np.ndarray, levels: int, min_edge: int) -> list[list[int]]:
     strides, size = [], latent_size.astype(float).copy()
     for _ in range(levels):
@@ -529,9 +550,11 @@ def plan_configuration(fingerprint: dict, preset: dict, config_name: str, plans_
     # floor lets it have a few more (at most a quarter of its images), if memory allows
     num_images = int(sum(c["shape_after_crop"][0] for c in fingerprint["cases"])) if is_2d else len(fingerprint["cases"])
     floor = min(bs_cfg["max"], bs_cfg.get("min_for_small_datasets", 0), num_images // 4)
-    batch = int(np.clip(min(by_memory, max(by_dataset, floor), bs_cfg["max"]), bs_cfg["min"], None))
+    by_step_cost, step_cost_why = batch_by_step_cost(bs_cfg, patch)
+    limits = [by_memory, max(by_dataset, floor), bs_cfg["max"]] + ([by_step_cost] if by_step_cost is not None else [])
+    batch = int(np.clip(min(limits), bs_cfg["min"], None))
     batch_why = (
-        f"min(memory {by_memory}, preset max {bs_cfg['max']}, max(5 % of the dataset's voxels {by_dataset}, "
+        f"min(memory {by_memory}, preset max {bs_cfg['max']}, {step_cost_why}max(5 % of the dataset's voxels {by_dataset}, "
         f"small-dataset floor {floor})), at least {bs_cfg['min']}; small-dataset floor = min(preset max, "
         f"min_for_small_datasets {bs_cfg.get('min_for_small_datasets', 0)}, {num_images} {'slices' if is_2d else 'images'} "
         "// 4), because nnU-Net's 5 % cap alone leaves a small dataset (32 images) 1-3 images per batch"
@@ -563,6 +586,8 @@ def plan_configuration(fingerprint: dict, preset: dict, config_name: str, plans_
             "batch_by_memory": by_memory,
             "batch_by_5_percent_of_dataset": by_dataset,
             "batch_floor_for_small_datasets": floor,
+            **({"batch_by_voxels_per_step": by_step_cost,
+                "voxels_per_step_evidence": bs_cfg.get("max_voxels_per_step_why", "")} if by_step_cost is not None else {}),
             "batch_limits": [bs_cfg["min"], bs_cfg["max"]],
             "batch_why": batch_why,
             "patch_search": history,
