@@ -395,8 +395,9 @@ def batch_by_step_cost(batch_config: dict, patch: np.ndarray) -> tuple[int | Non
     cap = batch_config.get("max_voxels_per_step")
     if not cap:
         return None, ""
-    by_cost = max(1, int(cap // int(np.prod(patch))))
-    return by_cost, f"{cap} voxels per step / patch {int(np.prod(patch))} = {by_cost} ({VOXELS_PER_STEP_WHY}), "
+    patch_voxels = int(np.prod(patch))
+    by_cost = max(1, cap // patch_voxels)
+    return by_cost, f"{cap} voxels per step / patch {patch_voxels} = {by_cost} ({VOXELS_PER_STEP_WHY}), "
 
 
 def denoiser_strides(latent_size: np.ndarray, levels: int, min_edge: int) -> list[list[int]]:

@@ -130,6 +130,13 @@ def calibration_cases(val_cases: list[str], minimum: int, fraction: float = 0.05
     return [val_cases[i] for i in picks]
 
 
+def calibration_seconds(num_cases: int, seconds_per_case: float, scales: tuple[float, ...] = NOISE_SCALES) -> float:
+    """What :func:`calibrate_noise_scale` will take: every case sampled once per temperature, at
+    ``seconds_per_case`` (a periodic validation's, the same sampler on the same kind of cases). A
+    time budget reserves it (``trainer._fit_epochs_to_budget``)."""
+    return len(scales) * num_cases * seconds_per_case
+
+
 SINGLE_SAMPLE_TOLERANCE = 0.01
 
 

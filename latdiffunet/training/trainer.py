@@ -55,7 +55,7 @@ from latdiffunet.training.losses import (
 )
 from latdiffunet.training.budget import epochs_within_budget
 from latdiffunet.training.sampling_calibration import (
-    CALIBRATION_MAX_CASES, NOISE_SCALES, calibrate_noise_scale, calibration_cases, store_noise_scale,
+    CALIBRATION_MAX_CASES, calibrate_noise_scale, calibration_cases, calibration_seconds, store_noise_scale,
 )
 from latdiffunet.training.validation import evaluate_model_on_cases
 from latdiffunet.training.validation_pacing import ValidationPacer
@@ -661,11 +661,10 @@ class LatentDiffusionTrainer:
         Hippocampus 3d run (9 held-back cases, 5 temperatures) spent 200 s on it after its
         training had used the budget, and trained 989 s against nnU-Net's 813 s.
         """
-        pacer = self.validation_pacer
-        seconds, cases = pacer.last_seconds.get("diffusion"), pacer.cases.get("diffusion")
-        if not (self.config.calibrate_noise_scale and self.held_back.active and seconds and cases):
+        per_case = self.validation_pacer.seconds_per_case("diffusion")
+        if not (self.config.calibrate_noise_scale and self.held_back.active and per_case):
             return 0.0
-        return len(NOISE_SCALES) * len(self._calibration_cases()) * seconds / cases
+        return calibration_seconds(len(self._calibration_cases()), per_case)
 
     def _calibration_cases(self) -> list[str]:
         return calibration_cases(list(self.held_back.cases), max(self.config.validation_cases, CALIBRATION_MAX_CASES),

@@ -58,6 +58,11 @@ class ValidationPacer:
         self.last_seconds[stage] = seconds
         self.cases.setdefault(stage, num_cases)
 
+    def seconds_per_case(self, stage: str) -> float | None:
+        """The latest validation of ``stage``'s duration per case, None before one."""
+        seconds, cases = self.last_seconds.get(stage), self.cases.get(stage)
+        return seconds / cases if seconds and cases else None
+
     def share_with(self, seconds: float) -> float:
         """Validation's share of all the time so far if a validation of ``seconds`` were added."""
         validation = self.validation_seconds + seconds
