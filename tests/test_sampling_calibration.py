@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from latdiffunet.evaluation.ambiguity import energy_distance_terms
 from latdiffunet.training.sampling_calibration import calibration_cases, choose_noise_scale, unbiased_ged
@@ -94,3 +95,51 @@ def test_choose_noise_scale_rules():
     assert choose_noise_scale(rows, multi_rater=False)[0] == 0.5
     rows[1]["Dice_single_sample"] = 0.79  # now only scale 0 (0.80) is within 0.01 of 0.81
     assert choose_noise_scale(rows, multi_rater=False)[0] == 0.0
+
+
+def test_a_temperature_sweep_draws_each_temperatures_samples_and_conditions_each_window_once():
+    """``noise_scales``: the samples at temperature c are exactly those of a predictor with
+    ``noise_scale=c`` and the same generator (the table's rows do not change), while the image
+    encoder runs once per window for all temperatures instead of once per temperature."""
+    import copy
+
+    from latdiffunet.inference.latent_sampling import DiffusionWindowPredictor
+    from latdiffunet.inference.sliding_window import sliding_window_predict
+    from latdiffunet.networks import build_model
+    from test_test_time_mirroring import DIFF, MODEL
+
+    torch.manual_seed(0)
+    model = build_model(copy.deepcopy(MODEL)).eval()
+    torch.nn.init.normal_(model.denoiser.out[-1].weight, std=0.5)  # zero at init: every sample would be alike
+    calls = {"n": 0}
+    condition = model.condition_and_detail
+
+    def counting(images):
+        calls["n"] += 1
+        return condition(images)
+
+    model.condition_and_detail = counting
+    volume = np.random.default_rng(0).normal(size=(1, 2, 40, 36)).astype(np.float32)  # 2 slices, overlapping windows
+    scales, samples = (0.0, 0.5, 1.0), 3
+
+    def predict(predictor, n):
+        return sliding_window_predict(volume, [32, 32], predictor, n, 3, torch.device("cpu"), windows_per_batch=2)
+
+    sweep = DiffusionWindowPredictor(model, DIFF, samples, 2, torch.Generator().manual_seed(7), mirror=True, noise_scales=scales)
+    swept = predict(sweep, samples * len(scales))
+    sweep_calls, calls["n"] = calls["n"], 0
+    for k, scale in enumerate(scales):
+        single = DiffusionWindowPredictor(model, DIFF, samples, 2, torch.Generator().manual_seed(7), mirror=True,
+                                          noise_scale=scale)
+        np.testing.assert_allclose(swept[k * samples:(k + 1) * samples], predict(single, samples), atol=1e-5)
+    assert sweep_calls * len(scales) == calls["n"], "the sweep must condition each window once for all temperatures"
+    assert np.abs(swept[:samples] - swept[-samples:]).max() > 1e-4, "temperatures 0 and 1 must give different samples"
+    assert 0 < sweep.seconds["conditioning"] < sweep.seconds["total"]
+
+
+def test_the_time_reserved_for_the_temperature_choice_counts_the_shared_conditioning_once():
+    from latdiffunet.training.sampling_calibration import calibration_seconds
+
+    assert calibration_seconds(10, 2.0) == pytest.approx(5 * 10 * 2.0)  # nothing known to be shared: 5 full passes
+    assert calibration_seconds(10, 2.0, conditioning_share=0.5) == pytest.approx(10 * 2.0 * (0.5 + 5 * 0.5))
+    assert calibration_seconds(10, 2.0, conditioning_share=1.0) == pytest.approx(10 * 2.0)

@@ -66,11 +66,12 @@ def test_expensive_first_validation_is_shrunk_and_later_ones_skipped_but_never_a
 def test_state_survives_a_checkpoint():
     pacer = ValidationPacer(every=1, max_cases=10)
     pacer.record_training(100.0)
-    pacer.record_validation("diffusion", 5.0, 3)
+    pacer.record_validation("diffusion", 5.0, 3, conditioning_share=0.4)
     resumed = ValidationPacer(every=1, max_cases=10)
     resumed.load_state_dict(pacer.state_dict())
     resumed.record_training(100.0)
     assert resumed.plan(5, "diffusion", False).num_cases == 3  # the same cases as before the interruption
+    assert resumed.conditioning_share == {"diffusion": 0.4}  # what the temperature choice's reserve uses
     fresh = ValidationPacer(every=1, max_cases=10)
     fresh.load_state_dict({})  # checkpoints written before pacing
     assert fresh.state_dict() == ValidationPacer(every=1, max_cases=10).state_dict()
@@ -149,6 +150,10 @@ def test_the_budget_leaves_time_for_choosing_the_temperature(planned):
         trainer.validation_pacer.record_validation("diffusion", 6.0, 2)  # 3 s per case
         expected = len(NOISE_SCALES) * len(trainer._calibration_cases()) * 3.0
         assert trainer._expected_calibration_seconds() == pytest.approx(expected if calibrate else 0.0)
+        # half of a validation conditions on the image, which the sweep does once for all temperatures
+        trainer.validation_pacer.record_validation("diffusion", 6.0, 2, conditioning_share=0.5)
+        shared = len(trainer._calibration_cases()) * 3.0 * (0.5 + len(NOISE_SCALES) * 0.5)
+        assert trainer._expected_calibration_seconds() == pytest.approx(shared if calibrate else 0.0)
         trainer.epoch = 2
         trainer._epoch_times = {"autoencoder": [10.0], "diffusion": [10.0]}
         trainer._plan_epochs = (1, 100)

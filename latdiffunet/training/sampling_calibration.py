@@ -63,33 +63,39 @@ def noise_scale_table(
     labels = list(range(num_classes))
     steps = configuration["inference"]["sampling_steps"]
     cases = [load_preprocessed_case(folder, c) for c in case_ids]
-    rows = []
-    for scale in scales:
-        generator = torch.Generator(device=device).manual_seed(seed)
-        predictor = DiffusionWindowPredictor(model, configuration["diffusion"], num_samples, steps, generator,
-                                               noise_scale=scale)
-        ged, diversity, single, mean = [], [], [], []
-        for case in cases:
-            probs = sliding_window_predict(case["data"], configuration["patch_size"], predictor, num_samples, num_classes,
-                                           device, windows_per_batch=max(1, 32 // num_samples))
+    # every scale from one conditioning per window and the same starting noise (common random
+    # numbers: the scales differ by temperature only, so their paired differences are less noisy)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    predictor = DiffusionWindowPredictor(model, configuration["diffusion"], num_samples, steps, generator,
+                                         noise_scales=scales)
+    per_scale = [{"ged": [], "diversity": [], "single": [], "mean": []} for _ in scales]
+    for case in cases:
+        all_probs = sliding_window_predict(case["data"], configuration["patch_size"], predictor, num_samples * len(scales),
+                                           num_classes, device, windows_per_batch=max(1, 32 // num_samples))
+        annotations = case["seg_raters"] if case["seg_raters"] is not None else case["seg"][None]
+        annotated = None if ignore_label is None else (annotations != ignore_label).all(0)
+        if annotated is not None:
+            annotations = np.where(annotated, annotations, 0)
+        for k, out in enumerate(per_scale):
+            probs = all_probs[k * num_samples:(k + 1) * num_samples]
             samples = probs.argmax(1)
-            annotations = case["seg_raters"] if case["seg_raters"] is not None else case["seg"][None]
-            if ignore_label is not None:
-                annotated = (annotations != ignore_label).all(0)
-                samples, annotations = np.where(annotated, samples, 0), np.where(annotated, annotations, 0)
+            if annotated is not None:
+                samples = np.where(annotated, samples, 0)
             per_class = [unbiased_ged(energy_distance_terms(s, a), len(s), len(a)) for s, a in
                          zip(_class_masks(samples, labels[1:]), _class_masks(annotations, labels[1:]))]
-            ged.append(float(np.mean([g for g, _ in per_class])))
-            diversity.append(float(np.mean([d for _, d in per_class])))
-            for pred, out in ((probs.mean(0).argmax(0), mean), *((s, single) for s in samples)):
+            out["ged"].append(float(np.mean([g for g, _ in per_class])))
+            out["diversity"].append(float(np.mean([d for _, d in per_class])))
+            for pred, dices in ((probs.mean(0).argmax(0), out["mean"]), *((s, out["single"]) for s in samples)):
                 dice = foreground_dice(pred, case["seg"], num_classes, ignore_label)
                 if dice is not None:
-                    out.append(dice)
+                    dices.append(dice)
+    rows = []
+    for scale, out in zip(scales, per_scale):
         rows.append({
-            "noise_scale": scale, "GED": float(np.mean(ged)), "GED_per_case": [round(g, 6) for g in ged],
-            "sample_diversity": float(np.mean(diversity)),
-            "Dice_single_sample": float(np.mean(single)) if single else float("nan"),
-            "Dice_of_mean": float(np.mean(mean)) if mean else float("nan"),
+            "noise_scale": scale, "GED": float(np.mean(out["ged"])), "GED_per_case": [round(g, 6) for g in out["ged"]],
+            "sample_diversity": float(np.mean(out["diversity"])),
+            "Dice_single_sample": float(np.mean(out["single"])) if out["single"] else float("nan"),
+            "Dice_of_mean": float(np.mean(out["mean"])) if out["mean"] else float("nan"),
         })
     return rows
 
@@ -130,11 +136,15 @@ def calibration_cases(val_cases: list[str], minimum: int, fraction: float = 0.05
     return [val_cases[i] for i in picks]
 
 
-def calibration_seconds(num_cases: int, seconds_per_case: float, scales: tuple[float, ...] = NOISE_SCALES) -> float:
-    """What :func:`calibrate_noise_scale` will take: every case sampled once per temperature, at
-    ``seconds_per_case`` (a periodic validation's, the same sampler on the same kind of cases). A
-    time budget reserves it (``trainer._fit_epochs_to_budget``)."""
-    return len(scales) * num_cases * seconds_per_case
+def calibration_seconds(
+    num_cases: int, seconds_per_case: float, scales: tuple[float, ...] = NOISE_SCALES, conditioning_share: float = 0.0,
+) -> float:
+    """What :func:`calibrate_noise_scale` will take: every case conditioned once and sampled once per
+    temperature, at ``seconds_per_case`` (a periodic validation's, the same sampler on the same kind
+    of cases) of which ``conditioning_share`` is the image conditioning (0: none shared, the upper
+    bound). A time budget reserves it (``trainer._fit_epochs_to_budget``)."""
+    share = min(max(float(conditioning_share), 0.0), 1.0)
+    return num_cases * seconds_per_case * (share + len(scales) * (1.0 - share))
 
 
 SINGLE_SAMPLE_TOLERANCE = 0.01

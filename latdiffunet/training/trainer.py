@@ -459,11 +459,11 @@ class LatentDiffusionTrainer:
         self.model.train()
         return summary
 
-    def _record_validation(self, stage: str, seconds: float, num_cases: int) -> None:
+    def _record_validation(self, stage: str, seconds: float, num_cases: int, conditioning_share: float | None = None) -> None:
         """Tell the pacer; when the first validation of a stage stopped early, say that the later
         ones use the same, fewer cases."""
         first = stage not in self.validation_pacer.cases
-        self.validation_pacer.record_validation(stage, seconds, num_cases)
+        self.validation_pacer.record_validation(stage, seconds, num_cases, conditioning_share)
         wanted = min(self.config.validation_cases, len(self.periodic_cases))
         if first and num_cases < wanted:
             self.logger.log(
@@ -659,12 +659,14 @@ class LatentDiffusionTrainer:
 
         The budget covers it, so a budgeted run stops training early enough: a 15-minute
         Hippocampus 3d run (9 held-back cases, 5 temperatures) spent 200 s on it after its
-        training had used the budget, and trained 989 s against nnU-Net's 813 s.
+        training had used the budget, and trained 989 s against nnU-Net's 813 s. The image
+        conditioning, shared by all temperatures, counts once (its share of that validation).
         """
         per_case = self.validation_pacer.seconds_per_case("diffusion")
         if not (self.config.calibrate_noise_scale and self.held_back.active and per_case):
             return 0.0
-        return calibration_seconds(len(self._calibration_cases()), per_case)
+        return calibration_seconds(len(self._calibration_cases()), per_case,
+                                   conditioning_share=self.validation_pacer.conditioning_share.get("diffusion", 0.0))
 
     def _calibration_cases(self) -> list[str]:
         return calibration_cases(list(self.held_back.cases), max(self.config.validation_cases, CALIBRATION_MAX_CASES),
@@ -738,7 +740,8 @@ class LatentDiffusionTrainer:
             validation_start = time.time()
             summary = self.validate(stage, num_cases=call.num_cases, time_limit=call.time_limit)
             metrics["validation_time"] = time.time() - validation_start
-            self._record_validation(stage, metrics["validation_time"], len(summary["metric_per_case"]))
+            self._record_validation(stage, metrics["validation_time"], len(summary["metric_per_case"]),
+                                    summary.get("conditioning_share"))
             dice = summary["foreground_mean"]["Dice"]
             metrics["val_reconstruction_dice" if stage == "autoencoder" else "val_dice"] = dice
             if "single_sample_foreground_dice" in summary:

@@ -100,5 +100,7 @@ def evaluate_model_on_cases(
     summary = summarize(per_case)
     if single:
         summary["single_sample_foreground_dice"] = float(np.mean(single))
+    if mode == "sampling" and predictor.seconds["total"] > 0:
+        summary["conditioning_share"] = predictor.seconds["conditioning"] / predictor.seconds["total"]
     return summary
 

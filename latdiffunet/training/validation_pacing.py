@@ -49,14 +49,19 @@ class ValidationPacer:
         self.validation_seconds = 0.0
         self.last_seconds: dict[str, float] = {}  # per stage: duration of its latest validation
         self.cases: dict[str, int] = {}  # per stage: cases its validations use (fixed by the first)
+        # per stage: the share of its latest validation spent on image conditioning, which a
+        # temperature sweep computes once for all temperatures (sampling_calibration.calibration_seconds)
+        self.conditioning_share: dict[str, float] = {}
 
     def record_training(self, seconds: float) -> None:
         self.training_seconds += seconds
 
-    def record_validation(self, stage: str, seconds: float, num_cases: int) -> None:
+    def record_validation(self, stage: str, seconds: float, num_cases: int, conditioning_share: float | None = None) -> None:
         self.validation_seconds += seconds
         self.last_seconds[stage] = seconds
         self.cases.setdefault(stage, num_cases)
+        if conditioning_share is not None:
+            self.conditioning_share[stage] = float(conditioning_share)
 
     def seconds_per_case(self, stage: str) -> float | None:
         """The latest validation of ``stage``'s duration per case, None before one."""
@@ -88,7 +93,8 @@ class ValidationPacer:
 
     def state_dict(self) -> dict:
         return {"training_seconds": self.training_seconds, "validation_seconds": self.validation_seconds,
-                "last_seconds": dict(self.last_seconds), "cases": dict(self.cases)}
+                "last_seconds": dict(self.last_seconds), "cases": dict(self.cases),
+                "conditioning_share": dict(self.conditioning_share)}
 
     def load_state_dict(self, state: dict) -> None:
         """Restores :meth:`state_dict`; an empty ``state`` (checkpoints before pacing) changes nothing."""
@@ -96,3 +102,4 @@ class ValidationPacer:
         self.validation_seconds = float(state.get("validation_seconds", 0.0))
         self.last_seconds = {k: float(v) for k, v in state.get("last_seconds", {}).items()}
         self.cases = {k: int(v) for k, v in state.get("cases", {}).items()}
+        self.conditioning_share = {k: float(v) for k, v in state.get("conditioning_share", {}).items()}
