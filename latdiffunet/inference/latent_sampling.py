@@ -156,8 +156,8 @@ class DiffusionWindowPredictor:
         self.with_image_head = with_image_head
         self.mirror = bool(diffusion.get("test_time_mirroring", False) if mirror is None else mirror)
         self.every_step = every_step
-        # Scale of the starting noise and random latent (sampling temperature), calibrated on the
-        # fold's validation cases at the end of training (see training/validation.py).
+        # Scale of the starting noise and random latent (sampling temperature), chosen on the
+        # fold's held-back cases at the end of training (training/sampling_calibration.py).
         self.noise_scale = float(diffusion.get("noise_scale", 1.0) if noise_scale is None else noise_scale)
         self.noise_scales = tuple(float(c) for c in noise_scales) if noise_scales is not None else (self.noise_scale,)
         self.seconds = {"conditioning": 0.0, "total": 0.0}
