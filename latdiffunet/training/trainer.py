@@ -53,7 +53,7 @@ from latdiffunet.training.losses import (
     ExtraLoss, check_label_values, energy_score_loss, latent_valid_fraction, one_hot, segmentation_loss, valid_mask,
     weighted_mean,
 )
-from latdiffunet.training.budget import epochs_within_budget
+from latdiffunet.training.budget import epochs_within_budget, short_last_epoch_iterations
 from latdiffunet.training.sampling_calibration import (
     CALIBRATION_MAX_CASES, calibrate_noise_scale, calibration_cases, calibration_seconds, store_noise_scale,
 )
@@ -135,6 +135,7 @@ class LatentDiffusionTrainer:
         self.training_seconds_before = 0.0
         self._run_start: float | None = None
         self._epoch_times: dict[str, list[float]] = {}
+        self._short_last_epoch = 0  # steps of a shortened last epoch that fills the budget (0: a whole one)
         self.validation_pacer = ValidationPacer(config.validation_every, config.validation_cases, config.validation_max_time_fraction)
         self.plans_check: GpuPlansOnCpuCheck | None = None  # made by run(); warns when GPU plans train on the CPU
 
@@ -642,16 +643,33 @@ class LatentDiffusionTrainer:
     def _fit_epochs_to_budget(self, stage: str) -> None:
         """Rescale the remaining epochs so the run (and its final validation) fits the budget
         (:func:`~latdiffunet.training.budget.epochs_within_budget`); ``stage`` is that of the last
-        epoch trained, and the time and epoch times of earlier sessions of a resumed run count too."""
+        epoch trained, and the time and epoch times of earlier sessions of a resumed run count too.
+        Once a diffusion epoch has been timed, what the whole epochs leave goes to one more,
+        shortened epoch (:func:`~latdiffunet.training.budget.short_last_epoch_iterations`), as
+        nnU-Net's budgeted runner ends."""
+        seconds_left = (self.config.time_budget_minutes * 60 * 0.9 - self.training_seconds()
+                        - self._expected_calibration_seconds())
         new_ae, new_diff = epochs_within_budget(
-            self._epoch_times, stage, self.epoch, self._plan_epochs, self.config.autoencoder_epochs,
-            seconds_left=self.config.time_budget_minutes * 60 * 0.9 - self.training_seconds()
-            - self._expected_calibration_seconds(),
+            self._epoch_times, stage, self.epoch, self._plan_epochs, self.config.autoencoder_epochs, seconds_left,
         )
+        short = 0
+        if stage == "diffusion":
+            short = short_last_epoch_iterations(
+                seconds_left, new_ae + new_diff - self.epoch, float(np.mean(self._epoch_times["diffusion"])),
+                self.validation_pacer.last_seconds.get("diffusion", 0.0), self.config.iterations_per_epoch,
+            )
         # rank 0's decision everywhere: ranks measure different times, and ranks that disagree on
-        # the number of epochs wait for each other forever
-        plan = self.dist.broadcast_from_main({"autoencoder_epochs": new_ae, "diffusion_epochs": new_diff})
+        # the number of epochs (or steps) wait for each other forever
+        plan = self.dist.broadcast_from_main({"autoencoder_epochs": new_ae, "diffusion_epochs": new_diff + (short > 0),
+                                              "short_last_epoch": short})
+        self._short_last_epoch = plan.pop("short_last_epoch")
         self.config = self.config.with_overrides(**plan)
+
+    def _iterations_this_epoch(self) -> int:
+        """The plans' steps per epoch, fewer in a shortened last epoch (:meth:`_fit_epochs_to_budget`)."""
+        if self._short_last_epoch and self.epoch == self.config.total_epochs - 1:
+            return self._short_last_epoch
+        return self.config.iterations_per_epoch
 
     def _expected_calibration_seconds(self) -> float:
         """How long choosing the temperature after training will take, from the seconds per case of
@@ -704,7 +722,7 @@ class LatentDiffusionTrainer:
         for the log), so it keeps queuing work instead of waiting for the device after each step.
         ``start``: when the epoch began (the CPU-speed check times the first steps from it).
         """
-        n = self.config.iterations_per_epoch
+        n = self._iterations_this_epoch()
         sums: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}  # a part some steps skip (sample_loss_every) is averaged over the steps that had it
         bar = tqdm(range(n), desc=f"epoch {self.epoch} ({stage})", leave=False, dynamic_ncols=True, disable=not self.dist.is_main)
@@ -768,6 +786,9 @@ class LatentDiffusionTrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
+        if self._iterations_this_epoch() < self.config.iterations_per_epoch:
+            self.logger.log(f"epoch {self.epoch}: {self._iterations_this_epoch()} of {self.config.iterations_per_epoch} steps, "
+                            "a shortened last epoch that fills the time budget")
         start = time.time()
         losses = self.train_iterations(stage, start)
         self.shutdown()  # the next epoch starts its own stream (see batch_stream); no workers during validation
