@@ -1,8 +1,17 @@
-"""How many epochs fit a wall-clock budget (``latdiff_train --budget-minutes``)."""
+"""How many epochs fit a wall-clock budget (``latdiff_train --budget-minutes``).
+
+The arithmetic is in plain functions (tested on their own); :class:`TimeBudget` is the trainer's
+use of them, a mixin of :class:`~latdiffunet.training.trainer.LatentDiffusionTrainer` that reads its
+epoch times, validation pacer, held-back cases and configuration.
+"""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
+
+from latdiffunet.training.sampling_calibration import CALIBRATION_MAX_CASES, calibration_cases, calibration_seconds
 
 DIFFUSION_TO_AUTOENCODER_EPOCH_COST = 1.6  # measured on Hippocampus 2d; used until a diffusion epoch is seen
 
@@ -64,3 +73,64 @@ def short_last_epoch_iterations(
         return 0
     steps = min(int(spare / epoch_seconds * iterations_per_epoch), iterations_per_epoch - 1)
     return steps if steps >= min_fraction * iterations_per_epoch else 0
+
+
+class TimeBudget:
+    """The trainer's wall clock: seconds trained (earlier sessions of a resumed run included), the
+    epochs that fit what is left, a shortened last epoch, and the time reserved after training
+    for choosing the sampling temperature."""
+
+    def training_seconds(self) -> float:
+        """Wall-clock seconds this run has trained, earlier sessions of a resumed run included."""
+        current = time.time() - self._run_start if self._run_start is not None else 0.0
+        return self.training_seconds_before + current
+
+    def _fit_epochs_to_budget(self, stage: str) -> None:
+        """Rescale the remaining epochs so the run (and its final validation) fits the budget
+        (:func:`~latdiffunet.training.budget.epochs_within_budget`); ``stage`` is that of the last
+        epoch trained, and the time and epoch times of earlier sessions of a resumed run count too.
+        Once a diffusion epoch has been timed, what the whole epochs leave goes to one more,
+        shortened epoch (:func:`~latdiffunet.training.budget.short_last_epoch_iterations`), as
+        nnU-Net's budgeted runner ends."""
+        seconds_left = (self.config.time_budget_minutes * 60 * 0.9 - self.training_seconds()
+                        - self._expected_calibration_seconds())
+        new_ae, new_diff = epochs_within_budget(
+            self._epoch_times, stage, self.epoch, self._plan_epochs, self.config.autoencoder_epochs, seconds_left,
+        )
+        short = 0
+        if stage == "diffusion":
+            short = short_last_epoch_iterations(
+                seconds_left, new_ae + new_diff - self.epoch, float(np.mean(self._epoch_times["diffusion"])),
+                self.validation_pacer.last_seconds.get("diffusion", 0.0), self.config.iterations_per_epoch,
+            )
+        # rank 0's decision everywhere: ranks measure different times, and ranks that disagree on
+        # the number of epochs (or steps) wait for each other forever
+        plan = self.dist.broadcast_from_main({"autoencoder_epochs": new_ae, "diffusion_epochs": new_diff + (short > 0),
+                                              "short_last_epoch": short})
+        self._short_last_epoch = plan.pop("short_last_epoch")
+        self.config = self.config.with_overrides(**plan)
+
+    def _iterations_this_epoch(self) -> int:
+        """The plans' steps per epoch, fewer in a shortened last epoch (:meth:`_fit_epochs_to_budget`)."""
+        if self._short_last_epoch and self.epoch == self.config.total_epochs - 1:
+            return self._short_last_epoch
+        return self.config.iterations_per_epoch
+
+    def _expected_calibration_seconds(self) -> float:
+        """How long choosing the temperature after training will take, from the seconds per case of
+        the last diffusion validation (the same sampler on the same held-back cases), 0 before one.
+
+        The budget covers it, so a budgeted run stops training early enough: a 15-minute
+        Hippocampus 3d run (9 held-back cases, 5 temperatures) spent 200 s on it after its
+        training had used the budget, and trained 989 s against nnU-Net's 813 s. The image
+        conditioning, shared by all temperatures, counts once (its share of that validation).
+        """
+        per_case = self.validation_pacer.seconds_per_case("diffusion")
+        if not (self.config.calibrate_noise_scale and self.held_back.active and per_case):
+            return 0.0
+        return calibration_seconds(len(self._calibration_cases()), per_case,
+                                   conditioning_share=self.validation_pacer.conditioning_share.get("diffusion", 0.0))
+
+    def _calibration_cases(self) -> list[str]:
+        return calibration_cases(list(self.held_back.cases), max(self.config.validation_cases, CALIBRATION_MAX_CASES),
+                                 fraction=0.0)

@@ -15,6 +15,9 @@ from pathlib import Path
 from latdiffunet.evaluation.evaluate_folder import evaluate_folder
 from latdiffunet.inference.predict_folder import predict_folder
 from latdiffunet.inference.predictor import LatentDiffusionPredictor, PredictionSettings
+from latdiffunet.training.sampling_calibration import calibrate_noise_scale, store_noise_scale
+from latdiffunet.utilities.checkpoint import load_checkpoint
+from latdiffunet.utilities.file_io import load_json
 
 MONTAGE_CASES = 8  # montages are for looking at, a few cases suffice
 
@@ -52,3 +55,77 @@ def validate_in_original_geometry(
                    dataclasses.replace(settings, save_montage=True, save_probabilities=False, save_samples=False),
                    overwrite=True, num_processes=num_processes, case_ids=montage_cases, rater_label_files=raters)
     return summary
+
+
+class FinalValidation:
+    """The trainer's last act, a mixin of :class:`~latdiffunet.training.trainer.LatentDiffusionTrainer`:
+    choose the sampling temperature on the held-back cases, then predict and score the fold's
+    validation cases with :func:`validate_in_original_geometry`."""
+
+    def final_validation(self) -> dict:
+        """All of the fold's validation cases with the EMA weights of ``checkpoint_best`` (chosen on
+        the held-back cases), or of ``checkpoint_final`` when nothing was held back (``held_back.py``).
+
+        Prediction and evaluation are exactly what users run (``latdiff_predict`` /
+        ``latdiff_evaluate``): raw images in, segmentations in the original geometry out, compared
+        with the raw labels. Without the raw folder it falls back to preprocessed space, and says so.
+        """
+        if not self.val_cases:
+            self.logger.log("fold 'all' has no validation cases: no summary.json")
+            return {}
+        best = self.output_folder / "checkpoint_best.pth"
+        chosen = best if self.held_back.active and best.is_file() else self.output_folder / "checkpoint_final.pth"
+        calibrated = self.config.calibrate_noise_scale and self.held_back.active
+        if calibrated:
+            self.calibrate_noise_scale(chosen)
+        else:  # nothing chosen here: sample the trained distribution, whatever an older run stored
+            store_noise_scale([chosen], 1.0, self.device)
+            if self.held_back.active is False and best.is_file() and self.dist.is_main:
+                self.logger.log(f"warning: {best.name} of an earlier run (chosen on the validation cases) is still in "
+                                f"{self.output_folder}; this number is {chosen.name}'s, and latdiff_predict would use "
+                                f"{best.name}: delete it to predict with the checkpoint this number describes")
+        start = time.time()
+        raw = self.raw_dataset_folder
+        if raw is not None and (raw / "imagesTr").is_dir() and (raw / "labelsTr").is_dir():
+            summary = self._validate_in_original_geometry(chosen, raw)
+        else:
+            self.ema.load_state_dict(load_checkpoint(chosen, self.device)["ema"])
+            summary = self.validate("diffusion", final=True)
+            summary["space"] = "preprocessed (raw dataset not found, so no export to the original geometry)"
+        summary["checkpoint"] = chosen.name
+        summary["checkpoint_selection"] = self.held_back.checkpoint_statement(chosen.name, len(self.val_cases), calibrated)
+        # machine-readable: find_best_configuration reports a CV number as untouched only when every fold says so
+        summary["selected_on_held_back"] = bool(self.held_back.active)
+        summary["seconds"] = round(time.time() - start, 1)
+        self.logger.write_json("validation/summary.json", summary)
+        fg = summary["foreground_mean"]
+        self.logger.log(
+            f"final validation ({len(self.val_cases)} cases, {chosen.name}): mean foreground Dice {fg['Dice']:.4f}, "
+            + ", ".join(f"class {c}: {m['Dice']:.4f}" for c, m in summary["mean"].items())
+        )
+        return summary
+
+    def calibrate_noise_scale(self, checkpoint: Path) -> float:
+        """Pick the sampling temperature on the held-back cases and store it in ``checkpoint`` (and
+        the final checkpoint); see :func:`~latdiffunet.training.sampling_calibration.calibrate_noise_scale`."""
+        self.ema.load_state_dict(load_checkpoint(checkpoint, self.device)["ema"])
+        multi_rater = load_json(self.preprocessed_dataset_folder / "dataset.json", "dataset.json").get("num_raters", 1) > 1
+        scale = calibrate_noise_scale(
+            self.ema, self.data_folder,
+            self._calibration_cases(), self.configuration, self.device,
+            num_samples=max(self.config.validation_samples or self.configuration["inference"]["num_samples"], 2),
+            multi_rater=multi_rater, logger=self.logger, checkpoints=[checkpoint, self.output_folder / "checkpoint_final.pth"],
+            seed=self.config.seed, ignore_label=self.ignore_label,
+        )
+        self.configuration["diffusion"]["noise_scale"] = scale
+        return scale
+
+    def _validate_in_original_geometry(self, checkpoint: Path, raw: Path) -> dict:
+        predictor = LatentDiffusionPredictor(self.output_folder.parent, [str(self.fold)], self.device, checkpoint.name)
+        inference = self.configuration["inference"]
+        settings = PredictionSettings(
+            num_samples=self.config.validation_samples or inference["num_samples"], steps=inference["sampling_steps"],
+            seed=self.config.seed, save_probabilities=True, save_samples=True,
+        )
+        return validate_in_original_geometry(predictor, settings, raw, self.val_cases, self.output_folder,
+                                             num_processes=min(2, self.config.num_workers))

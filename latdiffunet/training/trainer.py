@@ -15,6 +15,11 @@ in the autoencoder's reconstruction, so small structures survive compression. Th
 prediction in stage 2 is supervised without them by default: with weights, the first tiny-preset
 Hippocampus run over-segmented (validation FP 3x FN) and Dice already balances the classes.
 
+The class is the run's bookkeeping (stages, optimiser, epochs, EMA, checkpoints, resume); its
+parts live beside it as mixins: the losses in ``objectives.py``, the wall-clock budget in
+``budget.py``, periodic validation in ``validation.py``, the temperature choice and final
+validation in ``final_validation.py``.
+
 Several processes (torchrun) train one model data-parallel: see ``distributed.py`` for how the
 global batch is split, gradients averaged, and what only rank 0 does.
 
@@ -35,36 +40,29 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from latdiffunet.diffusion import NoiseSchedule, clip_x0_for, ddim_sample, training_target, x0_for_loss
+from latdiffunet.diffusion import NoiseSchedule, clip_x0_for
 from latdiffunet.errors import UserInputError
 from latdiffunet.inference.latent_sampling import mirroring_enabled
-from latdiffunet.inference.predictor import LatentDiffusionPredictor, PredictionSettings
-from latdiffunet.networks import build_model, kl_divergence
+from latdiffunet.networks import build_model
 from latdiffunet.preprocessing.splits import load_case_groups
+from latdiffunet.training.budget import TimeBudget
 from latdiffunet.training.config import TrainerConfig
+from latdiffunet.training.device_fit import GpuPlansOnCpuCheck
 from latdiffunet.training.distributed import (
     DistributedContext, local_batch_size, local_foreground_fraction, pooled_std, stream_seed,
 )
-from latdiffunet.training.device_fit import GpuPlansOnCpuCheck
-from latdiffunet.training.final_validation import validate_in_original_geometry
+from latdiffunet.training.final_validation import FinalValidation
 from latdiffunet.training.held_back import CONFIG_KEY as HELD_BACK_KEY, HeldBackSelection, choose_held_back
 from latdiffunet.training.logger import TrainingLogger
-from latdiffunet.training.losses import (
-    ExtraLoss, check_label_values, energy_score_loss, latent_valid_fraction, one_hot, segmentation_loss, valid_mask,
-    weighted_mean,
-)
-from latdiffunet.training.budget import epochs_within_budget, short_last_epoch_iterations
-from latdiffunet.training.sampling_calibration import (
-    CALIBRATION_MAX_CASES, calibrate_noise_scale, calibration_cases, calibration_seconds, store_noise_scale,
-)
-from latdiffunet.training.validation import evaluate_model_on_cases
+from latdiffunet.training.losses import ExtraLoss, check_label_values, latent_valid_fraction, one_hot, valid_mask
+from latdiffunet.training.objectives import TrainingObjectives
+from latdiffunet.training.validation import PeriodicValidation
 from latdiffunet.training.validation_pacing import ValidationPacer
 from latdiffunet.utilities.autocast import autocast_for, needs_grad_scaler
 from latdiffunet.utilities.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from latdiffunet.utilities.file_io import load_json, write_json
 
-
-class LatentDiffusionTrainer:
+class LatentDiffusionTrainer(TrainingObjectives, TimeBudget, PeriodicValidation, FinalValidation):
     config_overrides: dict = {}
     diffusion_overrides: dict = {}
 
@@ -239,135 +237,6 @@ class LatentDiffusionTrainer:
             tensor = tensor.pin_memory()
         return tensor.to(self.device, non_blocking=True)
 
-    def autoencoder_loss(self, data: torch.Tensor, seg: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        out = self.model.autoencoder(one_hot(seg, self.model.config["num_classes"], self.ignore_label))
-        loss, parts = segmentation_loss(out["logits"], seg, self.class_weights, self.config.dice_weight, self.ignore_label,
-                                        batch_sum=self.dist.batch_sum)
-        kl = kl_divergence(out["mu"], out["logvar"])  # a mean over equal shares: no batch sum needed
-        loss, parts = loss + self.config.kl_weight * kl, parts | {"kl": kl.detach()}
-        if self.model.segmentation_head is not None and self.config.image_pretraining:
-            loss, parts = self._add_image_segmentation_loss(loss, parts, self.model.image_encoder(data), seg)
-        return loss, parts
-
-    def _add_image_segmentation_loss(
-        self, loss: torch.Tensor, parts: dict, features: list[torch.Tensor], seg: torch.Tensor,
-        head_logits: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, dict]:
-        """``loss`` plus the weighted CE + Dice of the image encoder's segmentation head
-        (unweighted classes, as the decoded loss): the image pathway's direct gradient.
-        ``head_logits``: the head's output when the conditioning already computed it."""
-        if head_logits is None:
-            head_logits = self.model.segment_image(features)
-        head_loss, _ = segmentation_loss(head_logits, seg, None, self.config.dice_weight,
-                                         self.ignore_label, batch_sum=self.dist.batch_sum)
-        return loss + self.config.image_segmentation_weight * head_loss, parts | {"image_seg_loss": head_loss.detach()}
-
-    def diffusion_loss(self, data: torch.Tensor, seg: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """Latent loss + decoded CE/Dice at low noise + energy score of sampled masks.
-
-        The latent loss (the plans' parameterisation) trains the denoiser at every noise level.
-        The decoded supervision applies only to images whose noise level leaves the mask readable
-        (``decoded_loss_min_signal``; the others get weight 0, so every rank runs the same
-        computation whatever its noise levels); its x0-estimate comes from :func:`x0_for_loss`, clipped and
-        with a gradient no larger than x0-prediction's, since eps-prediction's x0 = (z_t - sigma
-        eps) / alpha would otherwise feed the loss 20,000x the network's error at t = T - 1 and
-        the ``_epspred`` comparison would measure that. The sample loss runs the inference sampler
-        itself on a few images of the batch, M samples each, and scores them with the energy score
-        (:func:`energy_score_loss`), so a single sample, not only the mean of many, is trained
-        to be a plausible mask, and on multi-rater data the spread is trained to match the raters'.
-        """
-        num_classes = self.model.config["num_classes"]
-        target_onehot, valid = one_hot(seg, num_classes, self.ignore_label), valid_mask(seg, self.ignore_label)
-        with torch.no_grad():
-            z0 = self.model.encode_mask(target_onehot)
-        t_host, noise, random_latent = self.draw_diffusion_noise(z0)
-        alpha_host, sigma_host = self.schedule.alpha_sigma(t_host, ndim=z0.ndim)
-        t, alpha, sigma = (v.to(self.device, non_blocking=True) for v in (t_host, alpha_host, sigma_host))
-        z_t = alpha * z0 + sigma * noise
-        features = self.model.image_encoder(data)
-        cond, detail, head_logits = self.model.image_conditioning(features)
-        output = self.model.denoise(z_t, t, cond, random_latent=random_latent).float()
-        target = training_target(self.parameterization, z0, noise, alpha, sigma)
-        latent_weight = None if valid is None else latent_valid_fraction(valid, z0.shape)
-        latent_loss = weighted_mean((output - target) ** 2, latent_weight, batch_sum=self.dist.batch_sum)
-        loss = self.config.latent_loss_weight * latent_loss
-        parts = {"latent_loss": latent_loss.detach()}
-        if self.model.segmentation_head is not None:
-            loss, parts = self._add_image_segmentation_loss(loss, parts, features, seg, head_logits)
-        extra = self.extra_diffusion_loss(data, z0, z_t, t_host, output)  # a variant's terms (adversarial.py), or None
-        if extra is not None:
-            loss, parts = loss + extra.loss, parts | extra.parts
-
-        if self.config.decoded_supervision_weight > 0:
-            readable = None  # every noise level (the default)
-            if self.config.decoded_loss_min_signal > 0:
-                readable = (alpha_host.flatten() ** 2 >= self.config.decoded_loss_min_signal).to(self.device, non_blocking=True)
-            x0_hat = x0_for_loss(self.parameterization, output, z_t, alpha, sigma, clip_x0=self.clip_x0)
-            weights = self.class_weights if self.config.decoded_class_weights else None
-            decoded_loss, seg_parts = segmentation_loss(
-                self.model.decode_latent(x0_hat, detail), seg, weights, self.config.dice_weight, self.ignore_label,
-                image_weight=readable, batch_sum=self.dist.batch_sum,
-                spatial_weight=None if extra is None else extra.decoded_spatial_weight,
-            )
-            loss = loss + self.config.decoded_supervision_weight * decoded_loss
-            parts |= seg_parts | {"decoded_loss": decoded_loss.detach()}
-
-        every = max(1, int(self.config.sample_loss_every))
-        if self.config.sample_loss_weight > 0 and self._sample_loss_active() and self._step_in_epoch % every == 0:
-            sample_loss, sample_parts = self.sample_loss(cond, target_onehot, valid, detail)
-            loss = loss + self.config.sample_loss_weight * every * sample_loss
-            parts |= sample_parts | {"sample_loss": sample_loss.detach()}
-        return loss, parts
-
-    def draw_diffusion_noise(self, z0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Every random draw of a diffusion step, one per image: the timestep, on the host (its
-        noise level is looked up there, so t is never read back from the device), the noise and
-        the denoiser's random latent (None when it has none), on the device."""
-        t = torch.randint(0, self.schedule.num_timesteps, (z0.shape[0],))
-        random_dim = self.model.config["denoiser"]["random_latent_dim"]
-        random_latent = torch.randn((z0.shape[0], random_dim), device=z0.device) if random_dim > 0 else None
-        return t, torch.randn_like(z0), random_latent
-
-    def _sample_loss_active(self) -> bool:
-        """After ``sample_loss_start`` of the diffusion stage: the sampler's samples must be worth
-        scoring first. A Hippocampus run with the loss from the start (and the decoded loss at low
-        noise only) was at 0.10 periodic validation Dice after 5 diffusion epochs (0.70 with the
-        defaults), its two samples as far from each other (0.64) as from the label (0.68)."""
-        into_stage = self.epoch - self.config.autoencoder_epochs
-        return into_stage >= self.config.sample_loss_start * self.config.diffusion_epochs
-
-    def sample_loss(
-        self, cond: torch.Tensor, target_onehot: torch.Tensor, valid: torch.Tensor | None = None,
-        detail: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, dict]:
-        """Energy score of M sampled masks per image for the first ``sample_loss_images`` images.
-
-        Every sample keeps one random latent for all its steps and starts from its own x_T, as at
-        inference; gradients flow through the last ``sample_loss_grad_steps`` steps of the chain.
-        ``sample_loss_images`` counts images of the global batch: each of N ranks scores
-        ceil(that / N) of its own.
-        """
-        n = min(math.ceil(self.config.sample_loss_images / self.dist.world_size), cond.shape[0])
-        m = self.config.sample_loss_samples
-        steps = self.config.sample_loss_steps or self.configuration["inference"]["sampling_steps"]
-        cond_m = cond[:n].repeat_interleave(m, 0)
-        latent_shape = (n * m, self.model.config["latent_channels"]) + tuple(cond.shape[2:])
-        random_dim = self.model.config["denoiser"]["random_latent_dim"]
-        random_latent = torch.randn((n * m, random_dim), device=self.device) if random_dim > 0 else None
-
-        def denoise(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.model.denoise(z, t, cond_m, random_latent=random_latent).float()
-
-        z0 = ddim_sample(
-            denoise, self.schedule, latent_shape, steps, self.parameterization,
-            eta=float(self.configuration["diffusion"].get("eta", 0.0)), device=self.device, clip_x0=self.clip_x0,
-            differentiable=True,
-            grad_steps=None if self.config.sample_loss_whole_chain else self.config.sample_loss_grad_steps,
-        )
-        detail_m = None if detail is None else detail[:n].repeat_interleave(m, 0)
-        probs = self.model.decode_latent(z0, detail_m).float().softmax(1)
-        return energy_score_loss(probs.view(n, m, *probs.shape[1:]), target_onehot[:n], None if valid is None else valid[:n])
-
     def train_step(self, batch: dict, stage: str) -> dict[str, torch.Tensor]:
         """One optimiser step on this rank's share of a batch; returns the loss and its parts as
         detached device tensors (reading them would make the host wait for the device)."""
@@ -441,37 +310,6 @@ class LatentDiffusionTrainer:
         self.model.train()
         return 1.0 / max(std, 1e-6)
 
-    # ------------------------------------------------------------------ validation
-    def validate(self, stage: str, final: bool = False, num_cases: int | None = None, time_limit: float | None = None) -> dict:
-        """Periodic validation on the first ``num_cases`` (default ``validation_cases``) held-back
-        cases (validation cases when nothing is held back: then it only draws the curve), stopping
-        after ``time_limit`` seconds (see ``validation_pacing``); with ``final``, all of the fold's
-        validation cases."""
-        cases = self.val_cases if final else self.periodic_cases[: num_cases or self.config.validation_cases]
-        if not cases:
-            return {}
-        samples = self.config.validation_samples or self.configuration["inference"]["num_samples"]
-        mode = "reconstruction" if stage == "autoencoder" else "sampling"
-        model = self.model if stage == "autoencoder" else self.ema
-        summary = evaluate_model_on_cases(
-            model, self.data_folder, cases, self.configuration, self.device, mode, num_samples=samples,
-            seed=self.config.seed, amp=self.amp, ignore_label=self.ignore_label, time_limit=time_limit,
-        )
-        self.model.train()
-        return summary
-
-    def _record_validation(self, stage: str, seconds: float, num_cases: int, conditioning_share: float | None = None) -> None:
-        """Tell the pacer; when the first validation of a stage stopped early, say that the later
-        ones use the same, fewer cases."""
-        first = stage not in self.validation_pacer.cases
-        self.validation_pacer.record_validation(stage, seconds, num_cases, conditioning_share)
-        wanted = min(self.config.validation_cases, len(self.periodic_cases))
-        if first and num_cases < wanted:
-            self.logger.log(
-                f"periodic validation ({stage}) on {num_cases} of {wanted} cases: {seconds:.1f} s, the most that keeps it "
-                f"within {100 * self.config.validation_max_time_fraction:.0f} % of the time; later ones use the same cases"
-            )
-
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_state(self) -> dict:
         return {
@@ -520,11 +358,6 @@ class LatentDiffusionTrainer:
         self.validation_pacer.load_state_dict(state.get("validation_pacing", {}))
         self.load_extra_state(state)
 
-    def training_seconds(self) -> float:
-        """Wall-clock seconds this run has trained, earlier sessions of a resumed run included."""
-        current = time.time() - self._run_start if self._run_start is not None else 0.0
-        return self.training_seconds_before + current
-
     # ------------------------------------------------------------------ main loop
     def run(self, resume: bool = False) -> dict:
         """Train, then validate; under several processes every rank trains and rank 0 alone
@@ -571,124 +404,6 @@ class LatentDiffusionTrainer:
             return {}
         self.logger.log(f"training finished; final checkpoint {self.output_folder / 'checkpoint_final.pth'}")
         return self.final_validation()
-
-    def final_validation(self) -> dict:
-        """All of the fold's validation cases with the EMA weights of ``checkpoint_best`` (chosen on
-        the held-back cases), or of ``checkpoint_final`` when nothing was held back (``held_back.py``).
-
-        Prediction and evaluation are exactly what users run (``latdiff_predict`` /
-        ``latdiff_evaluate``): raw images in, segmentations in the original geometry out, compared
-        with the raw labels. Without the raw folder it falls back to preprocessed space, and says so.
-        """
-        if not self.val_cases:
-            self.logger.log("fold 'all' has no validation cases: no summary.json")
-            return {}
-        best = self.output_folder / "checkpoint_best.pth"
-        chosen = best if self.held_back.active and best.is_file() else self.output_folder / "checkpoint_final.pth"
-        calibrated = self.config.calibrate_noise_scale and self.held_back.active
-        if calibrated:
-            self.calibrate_noise_scale(chosen)
-        else:  # nothing chosen here: sample the trained distribution, whatever an older run stored
-            store_noise_scale([chosen], 1.0, self.device)
-            if self.held_back.active is False and best.is_file() and self.dist.is_main:
-                self.logger.log(f"warning: {best.name} of an earlier run (chosen on the validation cases) is still in "
-                                f"{self.output_folder}; this number is {chosen.name}'s, and latdiff_predict would use "
-                                f"{best.name}: delete it to predict with the checkpoint this number describes")
-        start = time.time()
-        raw = self.raw_dataset_folder
-        if raw is not None and (raw / "imagesTr").is_dir() and (raw / "labelsTr").is_dir():
-            summary = self._validate_in_original_geometry(chosen, raw)
-        else:
-            self.ema.load_state_dict(load_checkpoint(chosen, self.device)["ema"])
-            summary = self.validate("diffusion", final=True)
-            summary["space"] = "preprocessed (raw dataset not found, so no export to the original geometry)"
-        summary["checkpoint"] = chosen.name
-        summary["checkpoint_selection"] = self.held_back.checkpoint_statement(chosen.name, len(self.val_cases), calibrated)
-        # machine-readable: find_best_configuration reports a CV number as untouched only when every fold says so
-        summary["selected_on_held_back"] = bool(self.held_back.active)
-        summary["seconds"] = round(time.time() - start, 1)
-        self.logger.write_json("validation/summary.json", summary)
-        fg = summary["foreground_mean"]
-        self.logger.log(
-            f"final validation ({len(self.val_cases)} cases, {chosen.name}): mean foreground Dice {fg['Dice']:.4f}, "
-            + ", ".join(f"class {c}: {m['Dice']:.4f}" for c, m in summary["mean"].items())
-        )
-        return summary
-
-    def calibrate_noise_scale(self, checkpoint: Path) -> float:
-        """Pick the sampling temperature on the held-back cases and store it in ``checkpoint`` (and
-        the final checkpoint); see :func:`~latdiffunet.training.sampling_calibration.calibrate_noise_scale`."""
-        self.ema.load_state_dict(load_checkpoint(checkpoint, self.device)["ema"])
-        multi_rater = load_json(self.preprocessed_dataset_folder / "dataset.json", "dataset.json").get("num_raters", 1) > 1
-        scale = calibrate_noise_scale(
-            self.ema, self.data_folder,
-            self._calibration_cases(), self.configuration, self.device,
-            num_samples=max(self.config.validation_samples or self.configuration["inference"]["num_samples"], 2),
-            multi_rater=multi_rater, logger=self.logger, checkpoints=[checkpoint, self.output_folder / "checkpoint_final.pth"],
-            seed=self.config.seed, ignore_label=self.ignore_label,
-        )
-        self.configuration["diffusion"]["noise_scale"] = scale
-        return scale
-
-    def _validate_in_original_geometry(self, checkpoint: Path, raw: Path) -> dict:
-        predictor = LatentDiffusionPredictor(self.output_folder.parent, [str(self.fold)], self.device, checkpoint.name)
-        inference = self.configuration["inference"]
-        settings = PredictionSettings(
-            num_samples=self.config.validation_samples or inference["num_samples"], steps=inference["sampling_steps"],
-            seed=self.config.seed, save_probabilities=True, save_samples=True,
-        )
-        return validate_in_original_geometry(predictor, settings, raw, self.val_cases, self.output_folder,
-                                             num_processes=min(2, self.config.num_workers))
-
-    def _fit_epochs_to_budget(self, stage: str) -> None:
-        """Rescale the remaining epochs so the run (and its final validation) fits the budget
-        (:func:`~latdiffunet.training.budget.epochs_within_budget`); ``stage`` is that of the last
-        epoch trained, and the time and epoch times of earlier sessions of a resumed run count too.
-        Once a diffusion epoch has been timed, what the whole epochs leave goes to one more,
-        shortened epoch (:func:`~latdiffunet.training.budget.short_last_epoch_iterations`), as
-        nnU-Net's budgeted runner ends."""
-        seconds_left = (self.config.time_budget_minutes * 60 * 0.9 - self.training_seconds()
-                        - self._expected_calibration_seconds())
-        new_ae, new_diff = epochs_within_budget(
-            self._epoch_times, stage, self.epoch, self._plan_epochs, self.config.autoencoder_epochs, seconds_left,
-        )
-        short = 0
-        if stage == "diffusion":
-            short = short_last_epoch_iterations(
-                seconds_left, new_ae + new_diff - self.epoch, float(np.mean(self._epoch_times["diffusion"])),
-                self.validation_pacer.last_seconds.get("diffusion", 0.0), self.config.iterations_per_epoch,
-            )
-        # rank 0's decision everywhere: ranks measure different times, and ranks that disagree on
-        # the number of epochs (or steps) wait for each other forever
-        plan = self.dist.broadcast_from_main({"autoencoder_epochs": new_ae, "diffusion_epochs": new_diff + (short > 0),
-                                              "short_last_epoch": short})
-        self._short_last_epoch = plan.pop("short_last_epoch")
-        self.config = self.config.with_overrides(**plan)
-
-    def _iterations_this_epoch(self) -> int:
-        """The plans' steps per epoch, fewer in a shortened last epoch (:meth:`_fit_epochs_to_budget`)."""
-        if self._short_last_epoch and self.epoch == self.config.total_epochs - 1:
-            return self._short_last_epoch
-        return self.config.iterations_per_epoch
-
-    def _expected_calibration_seconds(self) -> float:
-        """How long choosing the temperature after training will take, from the seconds per case of
-        the last diffusion validation (the same sampler on the same held-back cases), 0 before one.
-
-        The budget covers it, so a budgeted run stops training early enough: a 15-minute
-        Hippocampus 3d run (9 held-back cases, 5 temperatures) spent 200 s on it after its
-        training had used the budget, and trained 989 s against nnU-Net's 813 s. The image
-        conditioning, shared by all temperatures, counts once (its share of that validation).
-        """
-        per_case = self.validation_pacer.seconds_per_case("diffusion")
-        if not (self.config.calibrate_noise_scale and self.held_back.active and per_case):
-            return 0.0
-        return calibration_seconds(len(self._calibration_cases()), per_case,
-                                   conditioning_share=self.validation_pacer.conditioning_share.get("diffusion", 0.0))
-
-    def _calibration_cases(self) -> list[str]:
-        return calibration_cases(list(self.held_back.cases), max(self.config.validation_cases, CALIBRATION_MAX_CASES),
-                                 fraction=0.0)
 
     def _write_run_files(self) -> None:
         """plans.json + dataset.json beside the folds: prediction needs nothing else."""
@@ -745,29 +460,6 @@ class LatentDiffusionTrainer:
         """Whether a run that has trained ``epochs_done`` epochs has just finished a stage (by the
         current plan, which the budget may change after an epoch)."""
         return epochs_done in (self.config.autoencoder_epochs, self.config.total_epochs)
-
-    def _periodic_validation(self, epoch: int, stage: str, metrics: dict, last_of_stage: bool) -> None:
-        """Validate the model after ``epoch`` on the periodic cases when the pacer says so (never
-        twice for one epoch), recording into ``metrics``; every rank reaches the barrier, where the
-        others wait for rank 0's validation instead of inside the next all-reduce."""
-        candidate = self.periodic_cases and self.dist.is_main and "validation_time" not in metrics
-        call = self.validation_pacer.plan(epoch, stage, last_of_stage) if candidate else None
-        if call is not None and call.note:
-            self.logger.log(call.note)
-        if call is not None and call.num_cases:
-            validation_start = time.time()
-            summary = self.validate(stage, num_cases=call.num_cases, time_limit=call.time_limit)
-            metrics["validation_time"] = time.time() - validation_start
-            self._record_validation(stage, metrics["validation_time"], len(summary["metric_per_case"]),
-                                    summary.get("conditioning_share"))
-            dice = summary["foreground_mean"]["Dice"]
-            metrics["val_reconstruction_dice" if stage == "autoencoder" else "val_dice"] = dice
-            if "single_sample_foreground_dice" in summary:
-                metrics["val_dice_one_sample"] = summary["single_sample_foreground_dice"]
-            if stage == "diffusion" and dice > self.best_val_dice and self.held_back.active:
-                self.best_val_dice = dice
-                metrics["new_best"] = True
-        self.dist.barrier()
 
     def _run_epoch(self) -> None:
         stage = self.config.stage_of(self.epoch)

@@ -104,3 +104,61 @@ def evaluate_model_on_cases(
         summary["conditioning_share"] = predictor.seconds["conditioning"] / predictor.seconds["total"]
     return summary
 
+
+class PeriodicValidation:
+    """Validation during training, a mixin of :class:`~latdiffunet.training.trainer.LatentDiffusionTrainer`:
+    the held-back cases after the epochs its :class:`~latdiffunet.training.validation_pacing.ValidationPacer`
+    chooses, which also decides ``checkpoint_best``."""
+
+    def validate(self, stage: str, final: bool = False, num_cases: int | None = None, time_limit: float | None = None) -> dict:
+        """Periodic validation on the first ``num_cases`` (default ``validation_cases``) held-back
+        cases (validation cases when nothing is held back: then it only draws the curve), stopping
+        after ``time_limit`` seconds (see ``validation_pacing``); with ``final``, all of the fold's
+        validation cases."""
+        cases = self.val_cases if final else self.periodic_cases[: num_cases or self.config.validation_cases]
+        if not cases:
+            return {}
+        samples = self.config.validation_samples or self.configuration["inference"]["num_samples"]
+        mode = "reconstruction" if stage == "autoencoder" else "sampling"
+        model = self.model if stage == "autoencoder" else self.ema
+        summary = evaluate_model_on_cases(
+            model, self.data_folder, cases, self.configuration, self.device, mode, num_samples=samples,
+            seed=self.config.seed, amp=self.amp, ignore_label=self.ignore_label, time_limit=time_limit,
+        )
+        self.model.train()
+        return summary
+
+    def _record_validation(self, stage: str, seconds: float, num_cases: int, conditioning_share: float | None = None) -> None:
+        """Tell the pacer; when the first validation of a stage stopped early, say that the later
+        ones use the same, fewer cases."""
+        first = stage not in self.validation_pacer.cases
+        self.validation_pacer.record_validation(stage, seconds, num_cases, conditioning_share)
+        wanted = min(self.config.validation_cases, len(self.periodic_cases))
+        if first and num_cases < wanted:
+            self.logger.log(
+                f"periodic validation ({stage}) on {num_cases} of {wanted} cases: {seconds:.1f} s, the most that keeps it "
+                f"within {100 * self.config.validation_max_time_fraction:.0f} % of the time; later ones use the same cases"
+            )
+
+    def _periodic_validation(self, epoch: int, stage: str, metrics: dict, last_of_stage: bool) -> None:
+        """Validate the model after ``epoch`` on the periodic cases when the pacer says so (never
+        twice for one epoch), recording into ``metrics``; every rank reaches the barrier, where the
+        others wait for rank 0's validation instead of inside the next all-reduce."""
+        candidate = self.periodic_cases and self.dist.is_main and "validation_time" not in metrics
+        call = self.validation_pacer.plan(epoch, stage, last_of_stage) if candidate else None
+        if call is not None and call.note:
+            self.logger.log(call.note)
+        if call is not None and call.num_cases:
+            validation_start = time.time()
+            summary = self.validate(stage, num_cases=call.num_cases, time_limit=call.time_limit)
+            metrics["validation_time"] = time.time() - validation_start
+            self._record_validation(stage, metrics["validation_time"], len(summary["metric_per_case"]),
+                                    summary.get("conditioning_share"))
+            dice = summary["foreground_mean"]["Dice"]
+            metrics["val_reconstruction_dice" if stage == "autoencoder" else "val_dice"] = dice
+            if "single_sample_foreground_dice" in summary:
+                metrics["val_dice_one_sample"] = summary["single_sample_foreground_dice"]
+            if stage == "diffusion" and dice > self.best_val_dice and self.held_back.active:
+                self.best_val_dice = dice
+                metrics["new_best"] = True
+        self.dist.barrier()
