@@ -20,15 +20,13 @@ import pytest
 from conftest import REPO_ROOT, assert_reference_plans, load_converter, module_folders, shared_dataset
 from latdiffunet.errors import UserInputError
 from latdiffunet.experiment_planning.fingerprint import _objects, _size_summary, weighted_percentile
+from latdiffunet.experiment_planning.latent_choice import cap_for_isotropy, latent_downsampling, strides_from_exponents
 from latdiffunet.experiment_planning.planner import (
     PRESETS,
-    cap_for_isotropy,
     choose_preset,
     class_weights,
-    latent_downsampling,
     load_preset,
     plan_experiment,
-    strides_from_exponents,
     target_spacing_3d,
 )
 
@@ -354,6 +352,30 @@ def test_cpu_plans_cap_the_voxels_a_step_trains_on_and_gpu_plans_do_not():
     assert plan_experiment(fp, uncapped)["configurations"]["3d"]["batch_size"] > cfg["batch_size"]
     for name, gpu_cfg in plan_experiment(fp, load_preset("default"))["configurations"].items():
         assert "batch_by_voxels_per_step" not in gpu_cfg["patch_and_batch_why"], name
+
+
+def test_cpu_plans_give_the_sample_loss_a_share_of_the_batch_on_single_rater_data_only():
+    """The sample loss runs the sampler on ``sample_loss_images`` images per step: the tiny plans
+    set it to a quarter of the batch on single-rater data (on Kvasir-SEG at batch 8 all 8 images
+    doubled a step), keep the trainer's default on multi-rater data (it learns the raters' spread
+    there) and say why in ``training_why``; GPU presets leave it to the trainer."""
+    from latdiffunet.training.config import TrainerConfig
+
+    fp = fingerprint(shape=(36, 50, 35), p05_mm=(11.0, 13.0, 18.0), n=260)
+    tiny = load_preset("tiny")
+    share = tiny["training"]["sample_loss_share_of_batch"]
+    for name, cfg in plan_experiment(fp, tiny)["configurations"].items():
+        expected = max(1, int(cfg["batch_size"] * share))
+        assert cfg["training"]["sample_loss_images"] == expected, name
+        assert "sample_loss_share_of_batch" not in cfg["training"], "the preset's rule is resolved, not copied"
+        assert f"= {expected} image" in cfg["training_why"]["sample_loss_images"]
+        assert TrainerConfig.from_plans(cfg).sample_loss_images == expected
+    multi = plan_experiment(fp | {"num_raters": 4}, tiny)["configurations"]["2d"]
+    assert "sample_loss_images" not in multi["training"]
+    assert TrainerConfig.from_plans(multi).sample_loss_images == TrainerConfig().sample_loss_images
+    assert "4 raters" in multi["training_why"]["sample_loss_images"]
+    for name, gpu_cfg in plan_experiment(fp, load_preset("default"))["configurations"].items():
+        assert "sample_loss_images" not in gpu_cfg["training"] and "training_why" not in gpu_cfg, name
 
 
 def _large_object_cases(size: int, n=16, shape=(1, 256, 256)) -> list[np.ndarray]:
