@@ -167,16 +167,16 @@ def test_adversarial_training_moves_both_losses_and_uses_the_attention(planned_2
     """A few diffusion steps: the discriminator's and the generator's adversarial losses are finite
     and change, the discriminator's weights move, and the decoded loss is weighted by the attention
     map, of the mask's shape with mean 1."""
-    import latdiffunet.training.trainer as trainer_module
+    import latdiffunet.training.objectives as objectives_module  # where the trainer's losses are computed
 
     used_weights = []
-    plain_loss = trainer_module.segmentation_loss
+    plain_loss = objectives_module.segmentation_loss
 
     def recording_loss(*args, spatial_weight=None, **kwargs):
         used_weights.append(spatial_weight)
         return plain_loss(*args, spatial_weight=spatial_weight, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "segmentation_loss", recording_loss)
+    monkeypatch.setattr(objectives_module, "segmentation_loss", recording_loss)
     trainer = _trainer(planned_2d, "moves")
     trainer.output_folder.mkdir(parents=True)
     trainer.config = trainer.config.with_overrides(autoencoder_epochs=0)

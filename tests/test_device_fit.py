@@ -15,7 +15,9 @@ import torch
 from synthetic import make_synthetic_dataset
 
 from latdiffunet.experiment_planning.cli import main as plan_main
+from latdiffunet.training import budget as budget_module
 from latdiffunet.training import trainer as trainer_module
+from latdiffunet.training import validation as validation_module
 from latdiffunet.training.config import TrainerConfig
 from latdiffunet.training.device_fit import plans_target
 
@@ -52,7 +54,8 @@ def stub_trainer(pre, tmp_path, monkeypatch, config: TrainerConfig, target: str)
     plans = copy.deepcopy(json.loads((pre / "latdiffPlans_tiny.json").read_text())) | {"target": target}
     splits = json.loads((pre / "splits_final.json").read_text())
     clock = FakeClock()
-    monkeypatch.setattr(trainer_module, "time", types.SimpleNamespace(time=clock.time))
+    for module in (trainer_module, budget_module, validation_module):  # every part of the trainer that reads the clock
+        monkeypatch.setattr(module, "time", types.SimpleNamespace(time=clock.time))
     trainer = trainer_module.LatentDiffusionTrainer(plans, "2d", 0, pre, tmp_path / "fold_0", torch.device("cpu"), config, splits)
 
     def train_step(batch, stage):

@@ -145,7 +145,9 @@ def loaded_cases(monkeypatch):
 def test_checkpoint_and_temperature_are_chosen_on_held_back_cases_only(planned, monkeypatch, loaded_cases):
     """Spy on what periodic validation evaluates and what calibration scores: only held-back
     cases, which are never trained on; the validation cases only in the final validation."""
+    from latdiffunet.training import final_validation as final_validation_module
     from latdiffunet.training import trainer as trainer_module
+    from latdiffunet.training import validation as validation_module
     from latdiffunet.training.config import TrainerConfig
 
     pre = planned["pre"] / DATASET
@@ -160,7 +162,8 @@ def test_checkpoint_and_temperature_are_chosen_on_held_back_cases_only(planned, 
     assert len(held) == 2 and held <= set(splits[0]["train"])
 
     events = []
-    evaluate, calibrate, validate = trainer_module.evaluate_model_on_cases, trainer_module.calibrate_noise_scale, trainer.validate
+    evaluate, calibrate = validation_module.evaluate_model_on_cases, final_validation_module.calibrate_noise_scale
+    validate = trainer.validate
 
     def spy_evaluate(model, folder, case_ids, *args, **kwargs):
         events.append(("evaluate", set(case_ids)))
@@ -174,8 +177,8 @@ def test_checkpoint_and_temperature_are_chosen_on_held_back_cases_only(planned, 
         events.append(("final" if final else "periodic", stage))
         return validate(stage, final=final, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "evaluate_model_on_cases", spy_evaluate)
-    monkeypatch.setattr(trainer_module, "calibrate_noise_scale", spy_calibrate)
+    monkeypatch.setattr(validation_module, "evaluate_model_on_cases", spy_evaluate)
+    monkeypatch.setattr(final_validation_module, "calibrate_noise_scale", spy_calibrate)
     trainer.validate = spy_validate
     summary = trainer.run()
 
