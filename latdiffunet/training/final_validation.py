@@ -9,6 +9,8 @@ mean, entropy, samples) of the first ``MONTAGE_CASES`` cases go to ``validation_
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from latdiffunet.evaluation.evaluate_folder import evaluate_folder
 from latdiffunet.inference.predict_folder import predict_folder
 from latdiffunet.inference.predictor import LatentDiffusionPredictor, PredictionSettings
 from latdiffunet.training.sampling_calibration import calibrate_noise_scale, store_noise_scale
+from latdiffunet.training.validation import best_beats_final
 from latdiffunet.utilities.checkpoint import load_checkpoint
 from latdiffunet.utilities.file_io import load_json
 
@@ -75,6 +78,16 @@ class FinalValidation:
             return {}
         best = self.output_folder / "checkpoint_best.pth"
         chosen = best if self.held_back.active and best.is_file() else self.output_folder / "checkpoint_final.pth"
+        choice = None
+        if chosen == best:
+            # the final weights' held-back Dice, when the last validation was of the last epoch
+            final_per_case = self.last_val_per_case if self.last_val_epoch == self.config.total_epochs - 1 else {}
+            keep, choice = best_beats_final(self.best_val_per_case, final_per_case)
+            self.logger.log(f"checkpoint choice: {choice}")
+            if not keep and self.dist.is_main:  # checkpoint_best becomes the final weights: latdiff_predict uses it
+                partial = best.with_name(best.name + ".partial")
+                shutil.copyfile(self.output_folder / "checkpoint_final.pth", partial)
+                os.replace(partial, best)
         calibrated = self.config.calibrate_noise_scale and self.held_back.active
         if calibrated:
             self.calibrate_noise_scale(chosen)
@@ -93,6 +106,8 @@ class FinalValidation:
             summary = self.validate("diffusion", final=True)
             summary["space"] = "preprocessed (raw dataset not found, so no export to the original geometry)"
         summary["checkpoint"] = chosen.name
+        if choice is not None:
+            summary["checkpoint_choice"] = choice
         summary["checkpoint_selection"] = self.held_back.checkpoint_statement(chosen.name, len(self.val_cases), calibrated)
         # machine-readable: find_best_configuration reports a CV number as untouched only when every fold says so
         summary["selected_on_held_back"] = bool(self.held_back.active)

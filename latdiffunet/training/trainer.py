@@ -125,6 +125,10 @@ class LatentDiffusionTrainer(TrainingObjectives, TimeBudget, PeriodicValidation,
         self._step_in_epoch = 0  # the training step within the epoch (sample_loss_every counts it)
         self.ema_updates = 0
         self.best_val_dice = -math.inf
+        # held-back Dice per case of checkpoint_best's epoch and of the latest validated one (final_validation.py)
+        self.best_val_per_case: dict[str, float] = {}
+        self.last_val_per_case: dict[str, float] = {}
+        self.last_val_epoch = -1
         self.logger = TrainingLogger(output_folder, active=self.dist.is_main)
         self._stream = None
         self._case_cache = None  # decompressed training cases, kept across the per-epoch streams
@@ -322,6 +326,9 @@ class LatentDiffusionTrainer(TrainingObjectives, TimeBudget, PeriodicValidation,
             "ema_updates": self.ema_updates,
             "autoencoder_epochs": self.config.autoencoder_epochs,
             "best_val_dice": self.best_val_dice,
+            "best_val_per_case": self.best_val_per_case,
+            "last_val_per_case": self.last_val_per_case,
+            "last_val_epoch": self.last_val_epoch,
             "training_seconds": self.training_seconds(),
             "epoch_times": self._epoch_times,
             "validation_pacing": self.validation_pacer.state_dict(),
@@ -346,6 +353,9 @@ class LatentDiffusionTrainer(TrainingObjectives, TimeBudget, PeriodicValidation,
         self.epoch = int(state["epoch"])
         self.ema_updates = int(state["ema_updates"])
         self.best_val_dice = float(state["best_val_dice"])
+        self.best_val_per_case = {k: float(v) for k, v in state.get("best_val_per_case", {}).items()}
+        self.last_val_per_case = {k: float(v) for k, v in state.get("last_val_per_case", {}).items()}
+        self.last_val_epoch = int(state.get("last_val_epoch", -1))
         if state["optimizer"] is not None:
             self._setup_stage(state["optimizer_stage"])
             self.optimizer.load_state_dict(state["optimizer"])
