@@ -9,7 +9,6 @@ mean, entropy, samples) of the first ``MONTAGE_CASES`` cases go to ``validation_
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from latdiffunet.inference.predictor import LatentDiffusionPredictor, Prediction
 from latdiffunet.training.sampling_calibration import calibrate_noise_scale, store_noise_scale
 from latdiffunet.training.validation import best_beats_final
 from latdiffunet.utilities.checkpoint import load_checkpoint
-from latdiffunet.utilities.file_io import load_json
+from latdiffunet.utilities.file_io import atomic_path, load_json
 
 MONTAGE_CASES = 8  # montages are for looking at, a few cases suffice
 
@@ -85,9 +84,8 @@ class FinalValidation:
             keep, choice = best_beats_final(self.best_val_per_case, final_per_case)
             self.logger.log(f"checkpoint choice: {choice}")
             if not keep and self.dist.is_main:  # checkpoint_best becomes the final weights: latdiff_predict uses it
-                partial = best.with_name(best.name + ".partial")
-                shutil.copyfile(self.output_folder / "checkpoint_final.pth", partial)
-                os.replace(partial, best)
+                with atomic_path(best) as partial:
+                    shutil.copyfile(self.output_folder / "checkpoint_final.pth", partial)
         calibrated = self.config.calibrate_noise_scale and self.held_back.active
         if calibrated:
             self.calibrate_noise_scale(chosen)
