@@ -23,7 +23,8 @@ def test_best_is_kept_only_when_it_beats_the_final_weights_by_more_than_a_standa
     within_noise = {"a": 0.70, "b": 0.62, "c": 0.58, "d": 0.60}  # mean +0.0125, differences +-0.1
     keep, why = best_beats_final(within_noise, final)
     assert not keep and "final weights" in why and "4 cases" in why
-    assert not best_beats_final(final, final)[0], "the final epoch as its own best: nothing to prefer"
+    keep, why = best_beats_final(final, final)
+    assert not keep and "is the final epoch" in why, "the final epoch as its own best: nothing to prefer, and say so"
     # nothing to compare (a checkpoint from before per-case values were kept): the best stays
     assert best_beats_final({}, final)[0] and best_beats_final({"a": 0.9}, {"a": 0.1})[0]
 

@@ -134,6 +134,8 @@ def best_beats_final(best: dict[str, float], final: dict[str, float]) -> tuple[b
     if len(cases) < 2:
         return True, "no per-case held-back Dice of both epochs to compare: checkpoint_best kept"
     diff = np.asarray([best[c] - final[c] for c in cases])
+    if not diff.any():
+        return False, f"checkpoint_best is the final epoch (the same held-back Dice on all {len(cases)} cases): the final weights"
     mean, se = float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(len(cases)))
     verdict = mean > se
     return verdict, (
