@@ -143,3 +143,43 @@ def test_the_time_reserved_for_the_temperature_choice_counts_the_shared_conditio
     assert calibration_seconds(10, 2.0) == pytest.approx(5 * 10 * 2.0)  # nothing known to be shared: 5 full passes
     assert calibration_seconds(10, 2.0, conditioning_share=0.5) == pytest.approx(10 * 2.0 * (0.5 + 5 * 0.5))
     assert calibration_seconds(10, 2.0, conditioning_share=1.0) == pytest.approx(10 * 2.0)
+
+
+def test_the_temperature_table_reports_hungarian_matched_iou_per_case(tmp_path, monkeypatch):
+    """Each row of the table carries HM-IoU (samples matched one-to-one to the raters, per class)
+    next to GED, per case and as the mean: the held-back number that shows whether a warmer
+    temperature buys spread at the price of samples no rater drew."""
+    import copy
+
+    import latdiffunet.evaluation.ambiguity as ambiguity
+    from latdiffunet.networks import build_model
+    from latdiffunet.training.sampling_calibration import noise_scale_table
+    from test_test_time_mirroring import DIFF, MODEL
+
+    rng = np.random.default_rng(0)
+    for case in ("a", "b"):
+        raters = np.stack([np.zeros((1, 16, 16), np.int8) for _ in range(3)])
+        raters[0, 0, 4:10, 4:10] = 1
+        raters[1, 0, 5:12, 3:9] = 2
+        np.savez(tmp_path / f"{case}.npz", data=rng.normal(size=(1, 1, 16, 16)).astype(np.float32),
+                 seg=raters[0], seg_raters=raters)
+    torch.manual_seed(0)
+    model = build_model(copy.deepcopy(MODEL)).eval()
+    torch.nn.init.normal_(model.denoiser.out[-1].weight, std=0.5)
+    configuration = {"network": {"num_classes": 3}, "inference": {"sampling_steps": 2}, "diffusion": DIFF,
+                     "patch_size": [16, 16]}
+    seen = []
+    matched = ambiguity.hungarian_matched_iou
+
+    def spy(samples, raters):
+        seen.append(matched(samples, raters))
+        return seen[-1]
+
+    monkeypatch.setattr(ambiguity, "hungarian_matched_iou", spy)
+    scales = (0.0, 1.0)
+    rows = noise_scale_table(model, tmp_path, ["a", "b"], configuration, torch.device("cpu"), 3, scales=scales)
+    # per case, per scale, per foreground class (2): the case's HM-IoU is the mean over its classes
+    per = np.asarray(seen).reshape(2, len(scales), 2).mean(-1)
+    for k, row in enumerate(rows):
+        np.testing.assert_allclose(row["HM_IoU_per_case"], per[:, k], atol=1e-6)
+        assert row["HM_IoU"] == pytest.approx(per[:, k].mean(), abs=1e-6) and 0.0 <= row["HM_IoU"] <= 1.0
