@@ -28,6 +28,7 @@ from latdiffunet.experiment_planning.planner import (
     load_preset,
     plan_experiment,
     target_spacing_3d,
+    training_for_batch,
 )
 
 
@@ -356,20 +357,25 @@ def test_cpu_plans_cap_the_voxels_a_step_trains_on_and_gpu_plans_do_not():
 
 def test_cpu_plans_give_the_sample_loss_a_share_of_the_batch_on_single_rater_data_only():
     """The sample loss runs the sampler on ``sample_loss_images`` images per step: the tiny plans
-    set it to a quarter of the batch on single-rater data (on Kvasir-SEG at batch 8 all 8 images
-    doubled a step), keep the trainer's default on multi-rater data (it learns the raters' spread
+    set it to a share of the batch, at most 8, on single-rater data (on Kvasir-SEG at batch 8 all 8
+    images doubled a step), keep the trainer's default on multi-rater data (it learns the raters' spread
     there) and say why in ``training_why``; GPU presets leave it to the trainer."""
     from latdiffunet.training.config import TrainerConfig
 
     fp = fingerprint(shape=(36, 50, 35), p05_mm=(11.0, 13.0, 18.0), n=260)
     tiny = load_preset("tiny")
-    share = tiny["training"]["sample_loss_share_of_batch"]
+    share, cap = tiny["training"]["sample_loss_share_of_batch"], tiny["training"]["sample_loss_max_images"]
     for name, cfg in plan_experiment(fp, tiny)["configurations"].items():
-        expected = max(1, int(cfg["batch_size"] * share))
+        expected = min(cap, max(1, int(cfg["batch_size"] * share)))
         assert cfg["training"]["sample_loss_images"] == expected, name
         assert "sample_loss_share_of_batch" not in cfg["training"], "the preset's rule is resolved, not copied"
         assert f"= {expected} image" in cfg["training_why"]["sample_loss_images"]
         assert TrainerConfig.from_plans(cfg).sample_loss_images == expected
+    rule = {"sample_loss_share_of_batch": 0.5, "sample_loss_max_images": 8}
+    assert training_for_batch(rule, 8)[0] == {"sample_loss_images": 4}
+    capped, why = training_for_batch(rule, 32)
+    assert capped == {"sample_loss_images": 8} and "at most 8 = 8 images" in why["sample_loss_images"]
+    assert training_for_batch(rule, 1)[0] == {"sample_loss_images": 1}
     multi = plan_experiment(fp | {"num_raters": 4}, tiny)["configurations"]["2d"]
     assert "sample_loss_images" not in multi["training"]
     assert TrainerConfig.from_plans(multi).sample_loss_images == TrainerConfig().sample_loss_images

@@ -297,21 +297,25 @@ def training_for_batch(training: dict, batch: int, num_raters: int = 1) -> tuple
     """The preset's ``training`` section for one configuration, and why its batch-dependent values.
 
     ``sample_loss_share_of_batch`` (CPU presets) becomes ``sample_loss_images`` = that share of the
-    batch, at least 1, on single-rater data: the sample loss then costs a fixed share of a step
-    whatever the batch. There it trains one sample to be a plausible mask, which a few images per
+    batch, at least 1 and at most ``sample_loss_max_images``, on single-rater data: the sample loss
+    then costs a bounded share of a step whatever the batch. There it trains one sample to be a plausible mask, which a few images per
     step do; on multi-rater data it learns the raters' spread and keeps the trainer's default.
     Presets without the key leave the default (8 images per step) everywhere.
     """
     training = dict(training)
     share = training.pop("sample_loss_share_of_batch", None)
     evidence = training.pop("sample_loss_share_of_batch_why", "")
+    cap = training.pop("sample_loss_max_images", None)
     if not share:
         return training, {}
     if num_raters > 1:
         return training, {"sample_loss_images": SAMPLE_LOSS_MULTI_RATER_WHY.format(n=num_raters)}
     images = max(1, int(batch * share))
+    capped = cap is not None and images > int(cap)
+    images = min(images, int(cap)) if cap is not None else images
     training["sample_loss_images"] = images
-    why = (f"{share:g} x batch {batch} = {images} image{'s' * (images != 1)} per step (at least 1): "
+    rule = f"{share:g} x batch {batch}" + (f", at most {int(cap)}" if capped else "")
+    why = (f"{rule} = {images} image{'s' * (images != 1)} per step (at least 1): "
            f"{SAMPLE_LOSS_SHARE_WHY}. {evidence}").strip()
     return training, {"sample_loss_images": why}
 
