@@ -65,11 +65,10 @@ def training_for_batch(training: dict, batch: int, num_raters: int = 1) -> tuple
         return training, {}
     if num_raters > 1:
         return training, {"sample_loss_images": SAMPLE_LOSS_MULTI_RATER_WHY.format(n=num_raters)}
-    images = max(1, int(batch * share))
-    capped = cap is not None and images > int(cap)
-    images = min(images, int(cap)) if cap is not None else images
+    by_share = max(1, int(batch * share))
+    images = by_share if cap is None else min(by_share, int(cap))
     training["sample_loss_images"] = images
-    rule = f"{share:g} x batch {batch}" + (f", at most {int(cap)}" if capped else "")
+    rule = f"{share:g} x batch {batch}" + (f", at most {images}" if images < by_share else "")
     why = (f"{rule} = {images} image{'s' * (images != 1)} per step (at least 1): "
            f"{SAMPLE_LOSS_SHARE_WHY}. {evidence}").strip()
     return training, {"sample_loss_images": why}
